@@ -1,0 +1,301 @@
+"""The Python API: ``biasscope.scan(model, data, **options) -> Scan`` and ``biasscope.load``.
+
+Everything the CLI does is reachable from here; the CLI only parses options and prints.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .data import BOX_COLS, Dataset, load_dataset
+from .errors import BiasscopeError
+from .progress import as_reporter
+from .store import SCHEMA_VERSION, ChunkWriter, Scan, load, read_meta, write_json, write_table
+
+__all__ = ["scan", "load", "Scan", "list_layers"]
+
+# files a scan writes; only these are ever removed when a scan directory is reused
+_OWNED = ("meta.json", "scan.parquet", "heatmaps.npy", "heatmaps_true.npy", "analysis.json",
+          "findings.json", "summary.json", "report.html", "chunks")
+
+
+def _load_model(model, unsafe: bool):
+    from .model import load_model
+
+    if isinstance(model, (str, Path)):
+        return load_model(model, unsafe=unsafe), Path(model)
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise BiasscopeError(f"model must be a path or a keras.Model, got {type(model).__name__}")
+    return model, None
+
+
+def _input_geometry(model, image_size) -> tuple[int, int, int]:
+    shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else None
+    if shape is None or len(shape) != 4:
+        raise BiasscopeError(f"model {model.name!r}: expected one image input (batch, H, W, C), got {shape}")
+    _, h, w, c = shape
+    if c not in (1, 3):
+        raise BiasscopeError(f"model {model.name!r}: input has {c} channels; biasscope feeds 1 or 3")
+    if image_size is not None:
+        ih, iw = (int(s) for s in image_size)
+        if (h is not None and h != ih) or (w is not None and w != iw):
+            raise BiasscopeError(f"--image-size {ih} {iw} does not match the model's input {h}x{w}")
+        h, w = ih, iw
+    if h is None or w is None:
+        raise BiasscopeError(f"model {model.name!r} accepts any image size; pass --image-size H W")
+    return int(h), int(w), int(c)
+
+
+def list_layers(model, *, unsafe_model: bool = False) -> tuple[list, object]:
+    """(candidates, automatic choice) for ``biasscope layers``."""
+    from .model import choose_layer, spatial_layers
+
+    m, _ = _load_model(model, unsafe_model)
+    cands = spatial_layers(m)
+    try:
+        auto = choose_layer(m, cands)
+    except BiasscopeError:
+        auto = None
+    return cands, auto
+
+
+def _prepare_out(out: Path, fingerprint: str, parts: dict, *, resume: bool,
+                 overwrite: bool) -> dict | None:
+    """Decide what to do with an existing output directory; returns the meta to resume from."""
+    meta = read_meta(out)
+    if meta is None:
+        foreign = [p.name for p in out.iterdir()] if out.is_dir() else []
+        if [n for n in foreign if n not in _OWNED] and not overwrite:
+            raise BiasscopeError(f"{out} exists and holds other files ({', '.join(sorted(foreign)[:3])}); "
+                                 "choose another --out or pass --overwrite")
+        _clear(out)
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        if not overwrite:
+            old_parts = meta.get("fingerprint_parts", {})
+            diff = [k for k in ("model", "data", "options") if old_parts.get(k) != parts.get(k)]
+            what = " and ".join(diff) or "model or dataset"
+            raise BiasscopeError(f"{out} holds a scan of a different {what}; choose another --out "
+                                 "or pass --overwrite")
+        _clear(out)
+        return None
+    if not resume:
+        _clear(out)
+        return None
+    return meta
+
+
+def _clear(out: Path) -> None:
+    for name in _OWNED:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _fingerprint(model_sha: str, ds: Dataset, options: dict) -> tuple[str, dict]:
+    import hashlib
+    import json
+
+    parts = {"model": model_sha, "data": ds.fingerprint(),
+             "options": hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
+
+
+def _versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"biasscope": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "numpy": np.__version__, "pandas": pd.__version__}
+
+
+def scan(model, data, *, masks=None, out=None, layer: str | None = None, method: str = "gradcam",
+         batch_size: int = 16, image_size=None, preprocess="none", class_map=None,
+         limit: int | None = None, resume: bool = True, overwrite: bool = False,
+         unsafe_model: bool = False, seed: int = 0, chunk_size: int | None = None,
+         progress=True) -> Scan:
+    """Run Grad-CAM over a labelled image set and store the result in ``out``.
+
+    Parameters
+    ----------
+    model : path or keras.Model
+        ``.keras``, ``.h5`` or SavedModel directory, or a model object.
+    data : path or pandas.DataFrame
+        A directory in the layout of DESIGN section 3, a manifest CSV, or a manifest DataFrame
+        (columns ``path``, ``label``, optional ``mask``/``x0,y0,x1,y1``, attributes).
+    out : path, optional
+        The scan directory (default: a new temporary directory). An interrupted scan there is
+        resumed when ``resume`` is true; a scan of another model or dataset is refused unless
+        ``overwrite``.
+    preprocess : str or callable
+        ``none``, ``scale01``, a ``keras.applications`` module name, or a callable on a float32
+        batch in 0..255.
+
+    Returns
+    -------
+    Scan
+    """
+    from .metrics import attention_metrics
+    from .model import choose_layer, find_layer, model_fingerprint, output_head
+
+    rep = as_reporter(progress)
+    t0 = time.perf_counter()
+    if batch_size < 1:
+        raise BiasscopeError(f"--batch-size must be >= 1, got {batch_size}")
+    kmodel, model_path = _load_model(model, unsafe_model)
+    head = output_head(kmodel)
+    target = find_layer(kmodel, layer) if layer else choose_layer(kmodel)
+    H, W, C = _input_geometry(kmodel, image_size)
+    ds = load_dataset(data, masks=masks, class_map=class_map, n_outputs=head.n_classes, limit=limit)
+    if chunk_size is None:
+        chunk_size = batch_size * 64
+    chunk_size = max(batch_size, (int(chunk_size) // batch_size) * batch_size)
+
+    pre_name = preprocess if isinstance(preprocess, str) or preprocess is None else \
+        getattr(preprocess, "__qualname__", "callable")
+    options = {"layer": target.path, "method": method, "image_size": [H, W], "channels": C,
+               "preprocess": pre_name, "class_index": ds.class_index, "batch_size": batch_size,
+               "chunk_size": chunk_size, "limit": limit, "seed": seed}
+    model_sha = model_fingerprint(kmodel, model_path)
+    fp, fp_parts = _fingerprint(model_sha, ds, options)
+
+    out = Path(tempfile.mkdtemp(prefix="biasscope-")) if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = _prepare_out(out, fp, fp_parts, resume=resume, overwrite=overwrite)
+    if old is not None and old.get("status") == "complete":
+        rep.note(f"[green]{out}[/] already holds this finished scan; nothing to recompute")
+        return load(out)
+
+    meta = {
+        "schema_version": SCHEMA_VERSION, "status": "running", "fingerprint": fp,
+        "fingerprint_parts": fp_parts,
+        "model": {"path": str(model_path.resolve()) if model_path else None, "sha256": model_sha,
+                  "name": kmodel.name, "head": head.kind, "n_outputs": head.n_outputs},
+        "layer": target.path, "layer_shape": list(target.shape), "method": method,
+        "classes": ds.classes, "class_index": ds.class_index,
+        "data_root": str(ds.root), "n_images": len(ds), "attributes": ds.attributes,
+        "options": options, "versions": _versions(),
+    }
+    write_json(out / "meta.json", meta)
+
+    from .cams import make_cam
+    from .pipeline import make_pipeline, why_unreadable
+
+    engine = make_cam(method, kmodel, target, head, batch_size=batch_size, input_shape=(H, W, C),
+                      preprocess=preprocess)
+    heat_shape = tuple(int(s) for s in target.shape[:2])
+    writer = ChunkWriter(out, n_total=len(ds), chunk_size=chunk_size, heat_shape=heat_shape)
+    start = writer.start_index
+    files, mask_files = ds.table["file"].to_numpy(), ds.table["mask_file"].to_numpy()
+
+    def reasons(indices):
+        return [why_unreadable(files[i], mask_files[i]) for i in indices]
+
+    names = np.array([ds.output_names.get(i, f"#{i}") for i in range(head.n_classes)], dtype=object)
+    counts = {"mask_resized": 0, "mask_aspect": 0}
+    aspect_examples: list = []
+    t_pass = time.perf_counter()
+    if start:
+        rep.note(f"resuming at image {start:,} of {len(ds):,} ({writer.next_chunk} chunk(s) already stored)")
+    pipe = make_pipeline(ds, image_size=(H, W), channels=C, batch_size=batch_size, start=start)
+    with rep.task("Grad-CAM", total=len(ds)) as task:
+        task.advance(start)
+        done = start
+        for batch in pipe:
+            idx = batch["index"].numpy()
+            valid = idx >= 0
+            res = engine(batch["image"], batch["label"])
+            has_mask = batch["has_mask"].numpy()[valid]
+            att = attention_metrics(res["cam_pred"][valid], batch["mask"].numpy()[valid],
+                                    mask_valid=has_mask)
+            _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
+            pred = res["pred_idx"][valid]
+            label_idx = ds.table["label_idx"].to_numpy()[idx[valid]]
+            rows = pd.DataFrame({
+                "index": idx[valid],
+                "pred": names[pred], "pred_idx": pred.astype(np.int32),
+                "correct": pred == label_idx,
+                "confidence": res["confidence"][valid].astype(np.float64),
+                "label_prob": res["label_prob"][valid].astype(np.float64),
+                "top5": list(res["top_idx"][valid].astype(np.int32)),
+                "top5_prob": list(res["top_prob"][valid].astype(np.float32)),
+                **{k: np.asarray(v, dtype=np.float64) for k, v in att.items()},
+            })
+            # float16 cannot hold the tiny CAMs some models produce: store each map scaled to a
+            # peak of 1 and keep its peak in the table (every metric is scale-invariant)
+            cam_p, rows["cam_max"] = _unit_peak(res["cam_pred"][valid])
+            cam_t, rows["cam_true_max"] = _unit_peak(res["cam_true"][valid])
+            writer.add(rows, cam_p, cam_t, reasons=reasons)
+            n_new = int(idx[valid][-1]) + 1 - done if valid.any() else 0
+            done += n_new
+            task.advance(n_new)
+        writer.close(reasons)
+        task.advance(len(ds) - done)
+    pass_s = time.perf_counter() - t_pass
+    table, skipped = writer.assemble(out, ds.table.drop(columns=["file", "mask_file"]))
+    table["cluster"] = pd.array([pd.NA] * len(table), dtype="Int32")  # filled by the analysis
+    table["embed_x"] = np.nan
+    table["embed_y"] = np.nan
+    table["flags"] = [[] for _ in range(len(table))]
+    table = table.drop(columns=[c for c in BOX_COLS if table[c].isna().all()])
+    write_table(out, table)
+    writer.cleanup()
+
+    skipped = [{"path": str(ds.table["path"].iloc[s["index"]]), "reason": s["reason"]} for s in skipped]
+    for s in skipped[:5]:
+        rep.note(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    if len(skipped) > 5:
+        rep.note(f"[yellow]skipped {len(skipped) - 5} more undecodable image(s)[/]; all are listed in meta.json")
+    warnings = {
+        "missing_masks": {"count": len(ds.missing_masks), "examples": ds.missing_masks[:10]},
+        "mask_resized": counts["mask_resized"],
+        "mask_aspect_differs": {"count": counts["mask_aspect"], "examples": aspect_examples[:10]},
+    }
+    if ds.missing_masks:
+        rep.note(f"[yellow]warning[/]: {len(ds.missing_masks)} mask file(s) not found "
+                 f"(first: {ds.missing_masks[0]}); those rows have no mask metrics")
+    if counts["mask_aspect"]:
+        rep.note(f"[yellow]warning[/]: {counts['mask_aspect']} mask(s) have a different aspect ratio "
+                 f"from their image (first: {aspect_examples[0]}); resized anyway")
+    meta.update({
+        "status": "complete", "n_scanned": len(table), "skipped": skipped, "warnings": warnings,
+        "timings": {"total_s": time.perf_counter() - t0, "gradcam_pass_s": pass_s,
+                    "images_per_s": (len(ds) - start) / pass_s if pass_s > 0 else None,
+                    "resumed_at": start, "traces": engine.concrete_functions},
+    })
+    write_json(out / "meta.json", meta)
+    return load(out)
+
+
+def _unit_peak(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    peak = cams.max(axis=(1, 2)).astype(np.float64)
+    scale = np.where(peak > 0, peak, 1.0)
+    return cams / scale[:, None, None].astype(cams.dtype), peak
+
+
+def _check_mask_geometry(batch, valid, idx, counts, examples, ds) -> None:
+    """Masks are resized to the image geometry; count them and warn when the aspect differs."""
+    has_file = ds.table["mask_file"].to_numpy()[idx[valid]] != ""
+    if not has_file.any():
+        return
+    ihw = batch["image_hw"].numpy()[valid][has_file].astype(np.float64)
+    mhw = batch["mask_hw"].numpy()[valid][has_file].astype(np.float64)
+    resized = np.any(ihw != mhw, axis=1)
+    counts["mask_resized"] += int(resized.sum())
+    aspect = np.abs(ihw[:, 0] / ihw[:, 1] - mhw[:, 0] / mhw[:, 1]) > 0.01 * ihw[:, 0] / ihw[:, 1]
+    if aspect.any():
+        counts["mask_aspect"] += int(aspect.sum())
+        paths = ds.table["path"].to_numpy()[idx[valid]][has_file][aspect]
+        examples.extend(paths[: max(0, 10 - len(examples))].tolist())

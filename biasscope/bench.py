@@ -1,0 +1,182 @@
+"""``biasscope bench``: scan throughput as a ratio to a compiled forward pass, in one run.
+
+The physical limit of Grad-CAM is about one forward pass (the backward pass only runs through
+the head), so the figure that matters is ``scan from disk / compiled forward over the same
+decoded images``. The per-image keras.io recipe (the project's seed article) is timed on a small
+sample for comparison. Peak RSS is read right after the scan, before the baseline holds the
+decoded images in memory, so it measures the scan's streaming footprint.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import BiasscopeError
+from .progress import as_reporter
+
+
+def reference_gradcam(img_array, model, last_conv_layer_name, pred_index=None):
+    """The per-image recipe of the seed article (keras.io), kept verbatim in substance.
+
+    The caller removes the final softmax first (``model.layers[-1].activation = None``), as the
+    recipe does. Returns the max-normalised heatmap.
+    """
+    import keras
+    import tensorflow as tf
+
+    grad_model = keras.models.Model(
+        model.inputs, [model.get_layer(last_conv_layer_name).output, model.output])
+    with tf.GradientTape() as tape:
+        last_conv_layer_output, preds = grad_model(img_array)
+        if pred_index is None:
+            pred_index = tf.argmax(preds[0])
+        class_channel = preds[:, pred_index]
+    grads = tape.gradient(class_channel, last_conv_layer_output)
+    pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))
+    last_conv_layer_output = last_conv_layer_output[0]
+    heatmap = last_conv_layer_output @ pooled_grads[..., tf.newaxis]
+    heatmap = tf.squeeze(heatmap)
+    heatmap = tf.maximum(heatmap, 0) / tf.math.reduce_max(heatmap)
+    return heatmap.numpy()
+
+
+def synth_image_set(root: Path, n: int, n_classes: int, size: tuple, *, seed: int = 0) -> Path:
+    """n JPEG images in n_classes folders with PNG masks: smooth noise plus a bright blob."""
+    rng = np.random.default_rng(seed)
+    H, W = size
+    yy, xx = np.mgrid[:H, :W]
+    base = rng.integers(0, 255, (16, H // 8 + 1, W // 8 + 1, 3)).astype(np.uint8)
+    for i in range(n):
+        c = i % n_classes
+        (root / "images" / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
+        (root / "masks" / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
+        img = np.asarray(Image.fromarray(base[i % 16]).resize((W, H), Image.BILINEAR)).copy()
+        cy, cx = rng.integers(H // 4, 3 * H // 4), rng.integers(W // 4, 3 * W // 4)
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= (min(H, W) // 6) ** 2
+        img[m] = rng.integers(150, 255, 3)
+        Image.fromarray(img).save(root / "images" / f"c{c:03d}" / f"{i:06d}.jpg", quality=90)
+        Image.fromarray((m * 255).astype(np.uint8)).save(root / "masks" / f"c{c:03d}" / f"{i:06d}.png")
+    return root
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build_arch(arch: str, image_size: tuple, n_classes: int = 10):
+    import keras
+
+    builder = getattr(keras.applications, arch, None)
+    if builder is None or not callable(builder):
+        raise BiasscopeError(f"--arch {arch!r} is not a keras.applications architecture")
+    return builder(weights=None, input_shape=(*image_size, 3), classes=n_classes)
+
+
+def run_bench(model=None, *, arch: str | None = None, n: int = 256, batch_size: int = 16,
+              image_size=(224, 224), recipe_sample: int = 8, repeats: int = 2,
+              preprocess="none", workdir=None, progress=True) -> dict:
+    """Time scan-from-disk and the per-image recipe against a compiled forward pass."""
+    from .api import _input_geometry, _load_model, scan
+    from .cams import compiled_forward
+    from .model import choose_layer, output_head
+
+    rep = as_reporter(progress)
+    if (model is None) == (arch is None):
+        raise BiasscopeError("bench needs a MODEL path or --arch NAME (one of them)")
+    if n < batch_size:
+        raise BiasscopeError(f"--n ({n}) must be at least --batch-size ({batch_size})")
+    kmodel = build_arch(arch, image_size) if arch else _load_model(model, False)[0]
+    H, W, C = _input_geometry(kmodel, None if not arch else image_size)
+    head = output_head(kmodel)
+    target = choose_layer(kmodel)
+    work = Path(tempfile.mkdtemp(prefix="biasscope-bench-", dir=workdir))
+    try:
+        with rep.task("writing images", total=None):
+            n_cls = min(head.n_classes, n)
+            data = synth_image_set(work / "data", n, n_cls, (H, W))
+        # the class map lets a model with more outputs than the sample has classes be scanned
+        cmap = {f"c{c:03d}": c for c in range(n_cls)}
+        # warm-up: trace the CAM engine on two batches (the engine is reused by the timed scan)
+        scan(kmodel, data, out=work / "warm", batch_size=batch_size, limit=2 * batch_size,
+             preprocess=preprocess, class_map=cmap, progress=False)
+        t = time.perf_counter()
+        result = scan(kmodel, data, out=work / "scan", batch_size=batch_size, preprocess=preprocess,
+                      class_map=cmap, progress=progress)
+        scan_s = time.perf_counter() - t
+        rss_scan = _peak_rss_mb()
+
+        # baseline: the compiled forward pass over the same decoded images, already in memory
+        files = sorted((data / "images").rglob("*.jpg"))
+        images = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) for f in files])
+        if C == 1:
+            images = images.mean(axis=-1, keepdims=True)
+        pad = (-len(images)) % batch_size
+        batches = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
+        batches = batches.reshape(-1, batch_size, *images.shape[1:])
+        forward = compiled_forward(kmodel, batch_size=batch_size, input_shape=(H, W, C),
+                                   preprocess=preprocess)
+        forward(batches[0])
+        fwd_times = []
+        for _ in range(max(1, repeats)):
+            t = time.perf_counter()
+            for b in batches:
+                forward(b).numpy()
+            fwd_times.append(time.perf_counter() - t)
+        forward_s = min(fwd_times)
+
+        recipe = _time_recipe(kmodel, target, images[:recipe_sample]) if recipe_sample else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    out = {
+        "model": arch or str(model), "n": n, "batch_size": batch_size, "image_size": [H, W],
+        "layer": target.path, "device": _device(),
+        "forward_s": forward_s, "forward_img_s": n / forward_s,
+        "scan_s": scan_s, "scan_img_s": n / scan_s, "scan_over_forward": scan_s / forward_s,
+        "forward_runs_s": fwd_times, "peak_rss_mb_after_scan": rss_scan,
+        "gradcam_traces": result.meta["timings"]["traces"],
+    }
+    if recipe is not None:
+        per_image, err = recipe
+        out["recipe_per_image_s"] = per_image
+        out["recipe_over_forward"] = (per_image * n / forward_s) if per_image else None
+        if err:
+            out["recipe_error"] = err
+    return out
+
+
+def _time_recipe(kmodel, target, sample):
+    """Seconds per image of the seed recipe, or (None, reason) where it cannot run."""
+    if "/" in target.path:
+        return None, "the per-image recipe cannot reach a layer inside a nested model"
+    last = kmodel.layers[-1]
+    saved = getattr(last, "activation", None)
+    try:
+        if saved is not None:
+            last.activation = None
+        reference_gradcam(sample[:1], kmodel, target.path)  # first call builds the graph
+        times = []
+        for i in range(len(sample)):
+            t = time.perf_counter()
+            reference_gradcam(sample[i:i + 1], kmodel, target.path)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times), None
+    finally:
+        if saved is not None:
+            last.activation = saved
+
+
+def _device() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores)"

@@ -1,0 +1,167 @@
+"""The command line: parses options, calls the library, prints. No computation here.
+
+Library code raises :class:`BiasscopeError`; only this module turns it into a one-line message
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BiasscopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Is this vision model right for the right reasons? Grad-CAM over a whole "
+                       "labelled validation set, attention-vs-mask metrics, shortcut findings.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+class Method(str, Enum):
+    gradcam = "gradcam"
+
+
+# shared option declarations (defined once, used by several commands)
+ModelArg = typer.Argument(..., help="A .keras or .h5 file, or a SavedModel directory.", exists=True)
+UnsafeOpt = typer.Option(False, "--unsafe-model", help="Allow Lambda/custom code when loading (trusted models only).")
+BatchOpt = typer.Option(16, "--batch-size", min=1, help="Images per compiled batch.")
+PreprocessOpt = typer.Option("none", "--preprocess",
+                             help="none (0..255), scale01, or a keras.applications module name (e.g. resnet50).")
+
+
+def _fail(exc: BiasscopeError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def scan(
+    model: Path = ModelArg,
+    data: Path = typer.Argument(..., help="DATA folder (images/<class>/..., masks/, manifest.csv) or a manifest .csv."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Mask folder mirroring the class folders."),
+    out: Path = typer.Option(Path("biasscope-scan"), "--out", help="Scan directory to write (resumed if interrupted)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Target layer (nested path like base/conv_5 allowed); default: automatic."),
+    method: Method = typer.Option(Method.gradcam, "--method"),
+    batch_size: int = BatchOpt,
+    image_size: Optional[List[int]] = typer.Option(None, "--image-size", help="H W, for models with a flexible input size.", show_default=False),
+    preprocess: str = PreprocessOpt,
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help='JSON {"class_name": output_index}.'),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Scan at most N images (spread over classes)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted scan in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a scan of another model/dataset in --out."),
+    unsafe_model: bool = UnsafeOpt,
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Run Grad-CAM over DATA with MODEL and store predictions, heatmaps and attention metrics."""
+    from .api import scan as run_scan
+
+    if image_size is not None and len(image_size) != 2:
+        _fail(BiasscopeError(f"--image-size takes two numbers H W, got {len(image_size)}"))
+    try:
+        result = run_scan(model, data, masks=masks, out=out, layer=layer, method=method.value,
+                          batch_size=batch_size, image_size=image_size, preprocess=preprocess,
+                          class_map=class_map, limit=limit, resume=resume, overwrite=overwrite,
+                          unsafe_model=unsafe_model, seed=seed)
+    except BiasscopeError as exc:
+        _fail(exc)
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    t = result.table
+    meta = result.meta
+    table = Table(title="biasscope scan", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("images", f"{len(t):,}" + (f" ({len(meta.get('skipped', []))} skipped)" if meta.get("skipped") else ""))
+    table.add_row("accuracy", f"{t['correct'].mean():.1%}" if len(t) else "-")
+    inside = t["inside_frac"].dropna()
+    table.add_row("mean inside_frac", f"{inside.mean():.3f} over {len(inside):,} masked images" if len(inside) else "no masks")
+    table.add_row("layer", f"{meta['layer']} {tuple(meta['layer_shape'])}")
+    rate = meta.get("timings", {}).get("images_per_s")
+    if rate:
+        table.add_row("speed", f"{rate:,.1f} images/s")
+    out_console.print(table)
+    out_console.print(f"result: {result.path}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def layers(model: Path = ModelArg, unsafe_model: bool = UnsafeOpt) -> None:
+    """List the layers Grad-CAM can target (4-D outputs), marking the automatic choice."""
+    from .api import list_layers
+
+    try:
+        cands, auto = list_layers(model, unsafe_model=unsafe_model)
+    except BiasscopeError as exc:
+        _fail(exc)
+    table = Table(title=f"spatial layers of {model.name}")
+    for col in ("", "layer", "type", "output (H, W, C)"):
+        table.add_column(col)
+    for info in cands:
+        mark = "auto" if auto is not None and info.path == auto.path else ""
+        table.add_row(mark, info.path, info.class_name, str(tuple(info.shape)))
+    out_console.print(table)
+    if auto is None:
+        err_console.print("no automatic choice: no layer has a spatial output larger than 1x1")
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = typer.Argument(None, help="A model file; or use --arch.", exists=True),
+    arch: Optional[str] = typer.Option(None, "--arch", help="A keras.applications architecture, built with weights=None."),
+    n: int = typer.Option(256, "--n", min=1, help="Number of images."),
+    batch_size: int = BatchOpt,
+    image_size: List[int] = typer.Option([224, 224], "--image-size", help="H W (for --arch)."),
+    recipe_sample: int = typer.Option(8, "--recipe-sample", min=0, help="Images timed with the per-image recipe (0: skip)."),
+    preprocess: str = PreprocessOpt,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """Scan-from-disk throughput as a ratio to a compiled forward pass over the same images."""
+    from .bench import run_bench
+
+    if len(image_size) != 2:
+        _fail(BiasscopeError(f"--image-size takes two numbers H W, got {len(image_size)}"))
+    try:
+        res = run_bench(model, arch=arch, n=n, batch_size=batch_size, image_size=tuple(image_size),
+                        recipe_sample=recipe_sample, preprocess=preprocess)
+    except BiasscopeError as exc:
+        _fail(exc)
+    table = Table(title=f"biasscope bench: {res['model']}, {res['n']} images {res['image_size'][0]}x"
+                        f"{res['image_size'][1]}, batch {res['batch_size']}, {res['device']}")
+    for col in ("step", "seconds", "images/s", "x forward"):
+        table.add_column(col, justify="right")
+    table.add_row("compiled forward pass (decoded, in memory)", f"{res['forward_s']:.2f}",
+                  f"{res['forward_img_s']:.1f}", "1.00")
+    table.add_row("biasscope scan (from files on disk)", f"{res['scan_s']:.2f}", f"{res['scan_img_s']:.1f}",
+                  f"{res['scan_over_forward']:.2f}")
+    if res.get("recipe_per_image_s"):
+        table.add_row(f"per-image recipe (median of {recipe_sample}, extrapolated)",
+                      f"{res['recipe_per_image_s'] * res['n']:.2f}",
+                      f"{1 / res['recipe_per_image_s']:.1f}", f"{res['recipe_over_forward']:.2f}")
+    elif res.get("recipe_error"):
+        table.add_row("per-image recipe", "-", "-", res["recipe_error"])
+    out_console.print(table)
+    out_console.print(f"peak RSS after the scan: {res['peak_rss_mb_after_scan']:.0f} MB; "
+                      f"Grad-CAM graphs traced: {res['gradcam_traces']}")
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except BiasscopeError as exc:  # a library error that escaped a command
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The tf.data input pipeline: parallel decode + resize, masks, fixed-size padded batches.
+
+Every element carries its row index, so images that cannot be decoded are dropped inside the
+pipeline (``ignore_errors``) without per-image Python, and found afterwards as gaps in the
+indices. The last batch is padded to the fixed batch size (index -1) so the compiled CAM function
+sees exactly one input signature.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ._tf import import_tf  # noqa: E402
+
+tf = import_tf()
+
+from .data import Dataset  # noqa: E402
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _decode(path, channels):
+    raw = tf.io.read_file(path)
+    is_webp = tf.strings.regex_full_match(tf.strings.lower(path), r".*\.webp")
+    img = tf.cond(
+        is_webp,
+        lambda: tf.io.decode_webp(raw)[0][..., :3],  # frames first; RGBA -> RGB
+        lambda: tf.io.decode_image(raw, channels=3, expand_animations=False),
+    )
+    img = tf.ensure_shape(img, [None, None, 3])
+    if channels == 1:
+        img = tf.image.rgb_to_grayscale(img)
+    return img
+
+
+def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: int,
+                  start: int = 0, threads: int | None = None) -> tf.data.Dataset:
+    """Batches of dicts: index, image (B,H,W,C) float32 0..255, mask (B,H,W) bool, has_mask,
+    image_hw and mask_hw (original sizes, for the aspect-ratio check)."""
+    H, W = (int(s) for s in image_size)
+    t = ds.table.iloc[start:]
+    box = t[["x0", "y0", "x1", "y1"]].to_numpy(dtype="float32")
+    src = tf.data.Dataset.from_tensor_slices({
+        "index": np.arange(start, start + len(t), dtype=np.int64),
+        "file": t["file"].to_numpy(dtype=str),
+        "label": t["label_idx"].to_numpy(dtype=np.int32),
+        "mask_file": t["mask_file"].to_numpy(dtype=str),
+        "box": box,
+    })
+
+    def load(el):
+        img = _decode(el["file"], channels)
+        hw = tf.shape(img)[:2]
+        image = tf.image.resize(tf.cast(img, tf.float32), (H, W), method="bilinear")
+        has_file = tf.strings.length(el["mask_file"]) > 0
+        has_box = tf.reduce_all(tf.math.is_finite(el["box"]))
+
+        def from_file():
+            m = tf.io.decode_png(tf.io.read_file(el["mask_file"]), channels=1)
+            mhw = tf.shape(m)[:2]
+            m = tf.image.resize(m, (H, W), method="nearest")[..., 0] > 0
+            return m, mhw
+
+        def from_box():
+            sy = tf.cast(H, tf.float32) / tf.cast(hw[0], tf.float32)
+            sx = tf.cast(W, tf.float32) / tf.cast(hw[1], tf.float32)
+            yy = (tf.range(H, dtype=tf.float32) + 0.5) / sy
+            xx = (tf.range(W, dtype=tf.float32) + 0.5) / sx
+            b = el["box"]
+            in_y = (yy >= b[1]) & (yy < b[3])
+            in_x = (xx >= b[0]) & (xx < b[2])
+            return in_y[:, None] & in_x[None, :], hw
+
+        def none():
+            return tf.zeros((H, W), tf.bool), hw
+
+        mask, mhw = tf.case([(has_file, from_file), (has_box, from_box)], default=none)
+        return {
+            "index": el["index"],
+            "label": el["label"],
+            "image": tf.ensure_shape(image, (H, W, channels)),
+            "mask": tf.ensure_shape(mask, (H, W)),
+            "has_mask": has_file | has_box,
+            "image_hw": hw,
+            "mask_hw": mhw,
+        }
+
+    def pad(batch):
+        n = tf.shape(batch["index"])[0]
+        extra = batch_size - n
+
+        def pad_one(key, x):
+            fill = -1 if key == "index" else 0
+            paddings = [[0, extra]] + [[0, 0]] * (len(x.shape) - 1)
+            return tf.pad(x, paddings, constant_values=tf.cast(fill, x.dtype))
+
+        return {k: pad_one(k, v) for k, v in batch.items()}
+
+    opts = tf.data.Options()
+    opts.deterministic = True
+    if threads:
+        opts.threading.private_threadpool_size = int(threads)
+    return (src.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .ignore_errors()
+            .batch(batch_size)
+            .map(pad, num_parallel_calls=1)
+            .prefetch(2)
+            .with_options(opts))
+
+
+def why_unreadable(file: str, mask_file: str = "") -> str:
+    """After the fact, for the few rows the pipeline dropped: the reason, in a few words."""
+    try:
+        tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
+    except Exception as exc:  # the message TF gives is what the user needs to see
+        return f"image: {str(exc).splitlines()[0][:160]}"
+    if mask_file:
+        try:
+            tf.io.decode_png(tf.io.read_file(mask_file), channels=1)
+        except Exception as exc:
+            return f"mask: {str(exc).splitlines()[0][:160]}"
+    return "could not be decoded"

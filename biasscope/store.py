@@ -1,0 +1,212 @@
+"""The stored scan: chunked writing as the scan goes, resume, final assembly, loading.
+
+Layout (DESIGN section 4)::
+
+    OUT/meta.json  scan.parquet  heatmaps.npy  heatmaps_true.npy  [analysis.json findings.json
+    summary.json report.html]
+
+While a scan runs, ``OUT/chunks/`` holds one file set per chunk of ``chunk_size`` consecutive
+rows: ``heat-K.npy``, ``heat_true-K.npy``, ``skip-K.json`` and, written last as the commit
+marker, ``rows-K.parquet``. A chunk without its parquet file never happened. No pickle anywhere.
+No TensorFlow here: analysis and reports load scans without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import BiasscopeError
+
+SCHEMA_VERSION = 1
+META = "meta.json"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write_bytes(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=2, default=_json_default)))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if np.isnan(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_table(out_dir, table: pd.DataFrame) -> None:
+    _atomic_write_bytes(Path(out_dir) / "scan.parquet", lambda p: table.to_parquet(p, index=False))
+
+
+def read_meta(out_dir) -> dict | None:
+    p = Path(out_dir) / META
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class ChunkWriter:
+    """Receives scan rows in index order and persists them a chunk at a time."""
+
+    def __init__(self, out_dir: Path, *, n_total: int, chunk_size: int, heat_shape: tuple):
+        self.dir = Path(out_dir) / "chunks"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n_total, self.chunk_size = int(n_total), int(chunk_size)
+        self.heat_shape = tuple(heat_shape)
+        self.n_chunks = -(-self.n_total // self.chunk_size)
+        self.next_chunk = self.completed_chunks()
+        self._rows: list[pd.DataFrame] = []
+        self._heat: list[np.ndarray] = []
+        self._heat_true: list[np.ndarray] = []
+
+    def completed_chunks(self) -> int:
+        k = 0
+        while (self.dir / f"rows-{k:05d}.parquet").is_file():
+            k += 1
+        return k
+
+    @property
+    def start_index(self) -> int:
+        return min(self.next_chunk * self.chunk_size, self.n_total)
+
+    def add(self, rows: pd.DataFrame, heat: np.ndarray, heat_true: np.ndarray, *, reasons) -> None:
+        """Buffer one batch (rows carry an ``index`` column, ascending) and flush full chunks.
+
+        ``reasons(indices) -> list[str]`` explains rows the pipeline dropped.
+        """
+        self._rows.append(rows)
+        self._heat.append(heat.astype(np.float16))
+        self._heat_true.append(heat_true.astype(np.float16))
+        last = int(rows["index"].iloc[-1]) if len(rows) else -1
+        while self.next_chunk < self.n_chunks and last >= (self.next_chunk + 1) * self.chunk_size - 1:
+            self._flush(reasons)
+
+    def close(self, reasons) -> None:
+        while self.next_chunk < self.n_chunks:
+            self._flush(reasons)
+
+    def _flush(self, reasons) -> None:
+        k = self.next_chunk
+        hi = min((k + 1) * self.chunk_size, self.n_total)
+        rows = pd.concat(self._rows, ignore_index=True) if self._rows else pd.DataFrame({"index": []})
+        heat = np.concatenate(self._heat) if self._heat else np.zeros((0, *self.heat_shape), np.float16)
+        heat_t = np.concatenate(self._heat_true) if self._heat_true else heat
+        take = rows["index"].to_numpy() < hi
+        lo = k * self.chunk_size
+        expected = np.arange(lo, hi)
+        skipped = np.setdiff1d(expected, rows["index"].to_numpy()[take]).tolist()
+        skip = [{"index": i, "reason": r} for i, r in zip(skipped, reasons(skipped))] if skipped else []
+        np.save(self.dir / f"heat-{k:05d}.npy", heat[take])
+        np.save(self.dir / f"heat_true-{k:05d}.npy", heat_t[take])
+        write_json(self.dir / f"skip-{k:05d}.json", skip)
+        _atomic_write_bytes(self.dir / f"rows-{k:05d}.parquet",
+                            lambda p: rows[take].reset_index(drop=True).to_parquet(p, index=False))
+        self._rows = [rows[~take].reset_index(drop=True)]
+        self._heat, self._heat_true = [heat[~take]], [heat_t[~take]]
+        self.next_chunk += 1
+
+    def assemble(self, out_dir: Path, base: pd.DataFrame) -> tuple[pd.DataFrame, list]:
+        """Join the chunks into heatmaps*.npy and one table; returns (table, skipped).
+
+        The caller writes the table (``write_table``) and then calls :meth:`cleanup`.
+        """
+        out_dir = Path(out_dir)
+        parts = [pd.read_parquet(self.dir / f"rows-{k:05d}.parquet") for k in range(self.n_chunks)]
+        rows = pd.concat(parts, ignore_index=True)
+        skipped = []
+        for k in range(self.n_chunks):
+            skipped += json.loads((self.dir / f"skip-{k:05d}.json").read_text())
+        for name, prefix in (("heatmaps.npy", "heat"), ("heatmaps_true.npy", "heat_true")):
+            mm = np.lib.format.open_memmap(out_dir / (name + ".tmp.npy"), mode="w+", dtype=np.float16,
+                                           shape=(len(rows), *self.heat_shape))
+            at = 0
+            for k in range(self.n_chunks):
+                h = np.load(self.dir / f"{prefix}-{k:05d}.npy")
+                mm[at:at + len(h)] = h
+                at += len(h)
+            mm.flush()
+            del mm
+            os.replace(out_dir / (name + ".tmp.npy"), out_dir / name)
+        idx = rows["index"].to_numpy()
+        table = base.iloc[idx].reset_index(drop=True)
+        table = pd.concat([table[["path", "label", "label_idx"]], rows.drop(columns=["index"]),
+                           table.drop(columns=["path", "label", "label_idx"])], axis=1)
+        table.insert(0, "index", idx)
+        return table, skipped
+
+    def cleanup(self) -> None:
+        """Remove the chunks once the assembled table is safely written."""
+        shutil.rmtree(self.dir)
+
+
+@dataclass
+class Scan:
+    """A stored scan. ``table``: one row per image; ``heatmaps``: (N, h, w) float16 CAMs of the
+    predicted class; ``heatmaps_true``: of the labelled class."""
+
+    path: Path
+    meta: dict
+    table: pd.DataFrame
+    heatmaps: np.ndarray
+    heatmaps_true: np.ndarray
+    findings: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    analysis: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list:
+        return list(self.meta.get("classes", []))
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.table["correct"].mean()) if len(self.table) else float("nan")
+
+    def write_report(self, path=None):
+        """Render the interactive HTML report (not built yet: see the project's issue list)."""
+        raise BiasscopeError("the HTML report is not implemented yet in this version of biasscope")
+
+    def __repr__(self) -> str:
+        return (f"Scan({str(self.path)!r}, n={len(self.table)}, layer={self.meta.get('layer')!r}, "
+                f"accuracy={self.accuracy:.3f})")
+
+
+def load(scan_dir) -> Scan:
+    """Load a finished scan directory (no TensorFlow)."""
+    d = Path(scan_dir)
+    meta = read_meta(d)
+    if meta is None:
+        raise BiasscopeError(f"{d}: not a biasscope scan (no readable meta.json)")
+    if meta.get("status") != "complete" or not (d / "scan.parquet").is_file():
+        raise BiasscopeError(f"{d}: the scan is not finished; run `biasscope scan` again to resume it")
+    if int(meta.get("schema_version", 0)) > SCHEMA_VERSION:
+        raise BiasscopeError(f"{d}: written by a newer biasscope (schema {meta['schema_version']})")
+    table = pd.read_parquet(d / "scan.parquet")
+    heat = np.load(d / "heatmaps.npy", mmap_mode="r", allow_pickle=False)
+    heat_t = np.load(d / "heatmaps_true.npy", mmap_mode="r", allow_pickle=False)
+
+    def opt(name, default):
+        p = d / name
+        return json.loads(p.read_text()) if p.is_file() else default
+
+    return Scan(path=d, meta=meta, table=table, heatmaps=heat, heatmaps_true=heat_t,
+                findings=opt("findings.json", []), summary=opt("summary.json", {}),
+                analysis=opt("analysis.json", {}))

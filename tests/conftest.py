@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny generated image sets and tiny Keras models (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+CLASSES = ("circle", "square", "stripe")
+
+
+def make_image_set(root: Path, *, n_per_class: int = 6, size: int = 32, seed: int = 0,
+                   masks: bool = True, classes=CLASSES) -> Path:
+    """DATA/images/<class>/*.png + DATA/masks/<class>/*.png: a bright shape on a noisy background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for ci, cls in enumerate(classes):
+        (root / "images" / cls).mkdir(parents=True, exist_ok=True)
+        if masks:
+            (root / "masks" / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(0, 90, (size, size, 3)).astype(np.uint8)
+            r = size // 5
+            cy, cx = rng.integers(r, size - r, 2)
+            if ci % 3 == 0:
+                m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            elif ci % 3 == 1:
+                m = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+            else:
+                m = (abs(yy - cy) <= r // 2) & (abs(xx - cx) <= r * 2 - 1)
+            img[m] = (200 + 50 * np.eye(3)[ci % 3]).astype(np.uint8)
+            Image.fromarray(img).save(root / "images" / cls / f"{cls}_{i:03d}.png")
+            if masks:
+                Image.fromarray((m * 255).astype(np.uint8)).save(root / "masks" / cls / f"{cls}_{i:03d}.png")
+    return root
+
+
+def make_cnn(n_classes: int = 3, size: int = 32, *, activation="softmax", seed: int = 0):
+    """A small functional CNN: 0..255 input, conv blocks, GAP, Dense(activation)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inp)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(n_classes, activation=activation, name="head")(x)
+    return keras.Model(inp, out, name="tiny_cnn")
+
+
+@pytest.fixture
+def image_set(tmp_path):
+    return make_image_set(tmp_path / "data")
+
+
+@pytest.fixture
+def cnn_path(tmp_path):
+    path = tmp_path / "model.keras"
+    make_cnn().save(path)
+    return path

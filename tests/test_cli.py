@@ -1,0 +1,82 @@
+"""The thin CLI: exit codes, one-line errors, summary output, layers and bench."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from biasscope.cli import app
+from conftest import make_cnn
+
+runner = CliRunner()
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    out = result.output.strip()
+    assert "Traceback" not in out
+    assert out.startswith("error:") and len(out.splitlines()) == 1, out
+    for f in fragments:
+        assert f in out, out
+
+
+def test_scan_prints_summary_and_writes_result(image_set, cnn_path, tmp_path):
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["scan", str(cnn_path), str(image_set), "--out", str(out), "--batch-size", "4"])
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.output and "mean inside_frac" in r.output and f"result: {out}" in r.output
+    assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (lambda m, d, t: ["scan", str(d), str(d)], ["not a SavedModel"]),
+    (lambda m, d, t: ["scan", str(t / "junk.keras"), str(d)], ["could not load the model"]),
+    (lambda m, d, t: ["scan", str(m), str(d), "--layer", "last_cnv"], ["no layer 'last_cnv'", "last_conv"]),
+    (lambda m, d, t: ["scan", str(m), str(t / "empty")], ["no images found"]),
+    (lambda m, d, t: ["scan", str(m), str(d), "--image-size", "10"], ["--image-size takes two numbers"]),
+])
+def test_bad_input_is_one_line_exit_2(args, fragments, image_set, cnn_path, tmp_path):
+    (tmp_path / "junk.keras").write_bytes(b"this is not a zip file")
+    (tmp_path / "empty" / "images" / "a").mkdir(parents=True)
+    _one_line_error(runner.invoke(app, args(cnn_path, image_set, tmp_path)), *fragments)
+
+
+def test_class_mismatch_is_one_line_exit_2(image_set, tmp_path):
+    m = tmp_path / "four.keras"
+    make_cnn(4).save(m)
+    _one_line_error(runner.invoke(app, ["scan", str(m), str(image_set), "--out", str(tmp_path / "o")]),
+                    "3 classes", "4 outputs", "--class-map")
+
+
+def test_refuses_other_scan_and_keeps_it(image_set, cnn_path, tmp_path):
+    out = tmp_path / "o"
+    assert runner.invoke(app, ["scan", str(cnn_path), str(image_set), "--out", str(out)]).exit_code == 0
+    before = (out / "scan.parquet").read_bytes()
+    other = tmp_path / "other.keras"
+    make_cnn(seed=9).save(other)
+    _one_line_error(runner.invoke(app, ["scan", str(other), str(image_set), "--out", str(out)]),
+                    "different model", "--overwrite")
+    assert (out / "scan.parquet").read_bytes() == before
+
+
+def test_layers_marks_the_automatic_choice(cnn_path):
+    r = runner.invoke(app, ["layers", str(cnn_path)])
+    assert r.exit_code == 0
+    line = next(ln for ln in r.output.splitlines() if "last_conv" in ln)
+    assert "auto" in line
+    assert "auto" not in next(ln for ln in r.output.splitlines() if "conv2" in ln)
+
+
+def test_bench_reports_ratios(cnn_path, tmp_path):
+    js = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", str(cnn_path), "--n", "32", "--batch-size", "8", "--recipe-sample", "2",
+                            "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(js.read_text())
+    assert res["n"] == 32 and res["gradcam_traces"] == 1
+    assert res["scan_over_forward"] == pytest.approx(res["scan_s"] / res["forward_s"])
+    assert res["recipe_per_image_s"] > 0 and "x forward" in r.output
+
+
+def test_bench_needs_model_or_arch():
+    _one_line_error(runner.invoke(app, ["bench"]), "MODEL path or --arch")

@@ -1,0 +1,148 @@
+"""End-to-end scans on tiny generated data: the stored result, bad input, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import biasscope
+from biasscope.errors import BiasscopeError
+from biasscope.metrics import attention_metrics
+from conftest import make_cnn, make_image_set
+
+REQUIRED = ["path", "label", "label_idx", "pred", "pred_idx", "correct", "confidence", "label_prob",
+            "top5", "inside_frac", "mask_frac", "lift", "pointing_hit", "energy_inside", "cam_entropy",
+            "cluster", "embed_x", "embed_y", "flags"]
+
+
+def test_scan_stores_the_result_of_section_4(image_set, cnn_path, tmp_path):
+    out = tmp_path / "out"
+    s = biasscope.scan(cnn_path, image_set, out=out, batch_size=4, progress=False)
+    assert set(REQUIRED) <= set(s.table.columns)
+    for name in ("meta.json", "scan.parquet", "heatmaps.npy", "heatmaps_true.npy"):
+        assert (out / name).is_file()
+    assert not (out / "chunks").exists()
+    assert s.heatmaps.shape == (18, 8, 8) and s.heatmaps.dtype == np.float16
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["layer"] == "last_conv" and meta["status"] == "complete"
+    assert len(meta["model"]["sha256"]) == 64 and meta["timings"]["traces"] == 1
+    # stored predictions are the model's own
+    import keras
+    model = keras.models.load_model(cnn_path)
+    imgs = np.stack([np.asarray(Image.open(image_set / p), np.float32) for p in s.table["path"]])
+    np.testing.assert_array_equal(s.table["pred_idx"], model(imgs).numpy().argmax(1))
+    # the stored metrics are those of the stored heatmaps against the stored masks
+    masks = np.stack([np.asarray(Image.open(image_set / p.replace("images/", "masks/"))) > 0
+                      for p in s.table["path"]])
+    again = attention_metrics(np.asarray(s.heatmaps, np.float32), masks)
+    np.testing.assert_allclose(s.table["inside_frac"], again["inside_frac"], atol=2e-3)
+    np.testing.assert_allclose(s.table["mask_frac"], masks.mean(axis=(1, 2)), rtol=1e-6)
+    # label CAM equals prediction CAM exactly where the prediction is right
+    right = s.table["correct"].to_numpy()
+    np.testing.assert_array_equal(s.heatmaps[right], s.heatmaps_true[right])
+    loaded = biasscope.load(out)
+    pd.testing.assert_frame_equal(loaded.table, s.table)
+
+
+def test_undecodable_image_is_skipped_and_listed(image_set, cnn_path, tmp_path):
+    (image_set / "images" / "square" / "square_001.png").write_bytes(b"not an image at all")
+    s = biasscope.scan(cnn_path, image_set, out=tmp_path / "o", batch_size=4, progress=False)
+    assert len(s.table) == 17
+    assert [x["path"] for x in s.meta["skipped"]] == ["images/square/square_001.png"]
+    assert s.meta["skipped"][0]["reason"].startswith("image:")
+    assert "images/square/square_001.png" not in set(s.table["path"])
+
+
+def test_formats_grayscale_rgba_and_boxes(tmp_path, cnn_path):
+    root = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (ext, mode) in enumerate([("png", "L"), ("png", "RGBA"), ("jpg", "RGB"), ("bmp", "RGB"),
+                                     ("webp", "RGB"), ("jpeg", "RGB")]):
+        cls = "circle" if i % 3 == 0 else ("square" if i % 3 == 1 else "stripe")
+        (root / "images" / cls).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (40, 40, 4 if mode == "RGBA" else 3)).astype(np.uint8)
+        img = Image.fromarray(arr, "RGBA" if mode == "RGBA" else "RGB").convert(mode)
+        rel = f"images/{cls}/f{i}.{ext}"
+        img.save(root / rel)
+        rows.append({"path": rel, "label": cls, "x0": 0, "y0": 0, "x1": 20, "y1": 10})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    s = biasscope.scan(cnn_path, root, out=tmp_path / "o", batch_size=4, progress=False)
+    assert len(s.table) == 6 and not s.meta["skipped"]
+    # a 20x10 box of a 40x40 image covers 1/8 of the resized 32x32 mask
+    np.testing.assert_allclose(s.table["mask_frac"], 1 / 8)
+
+
+def test_mask_of_other_aspect_is_resized_with_warning(image_set, cnn_path, tmp_path):
+    p = image_set / "masks" / "circle" / "circle_000.png"
+    Image.open(p).resize((64, 16), Image.NEAREST).save(p)
+    (image_set / "masks" / "square" / "square_003.png").unlink()
+    s = biasscope.scan(cnn_path, image_set, out=tmp_path / "o", batch_size=4, progress=False)
+    w = s.meta["warnings"]
+    assert w["mask_aspect_differs"] == {"count": 1, "examples": ["images/circle/circle_000.png"]}
+    assert w["missing_masks"]["count"] == 1
+    row = s.table[s.table["path"] == "images/square/square_003.png"].iloc[0]
+    assert np.isnan(row["inside_frac"]) and np.isnan(row["mask_frac"])
+
+
+def test_output_dir_of_another_model_is_refused_unless_overwrite(image_set, cnn_path, tmp_path):
+    out = tmp_path / "o"
+    biasscope.scan(cnn_path, image_set, out=out, batch_size=4, progress=False)
+    other = tmp_path / "other.keras"
+    make_cnn(seed=5).save(other)
+    with pytest.raises(BiasscopeError, match="holds a scan of a different model"):
+        biasscope.scan(other, image_set, out=out, batch_size=4, progress=False)
+    assert json.loads((out / "meta.json").read_text())["model"]["path"] == str(cnn_path.resolve())
+    s = biasscope.scan(other, image_set, out=out, batch_size=4, progress=False, overwrite=True)
+    assert s.meta["model"]["path"] == str(other.resolve())
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(BiasscopeError, match="holds other files"):
+        biasscope.scan(other, image_set, out=tmp_path / "foreign", batch_size=4, progress=False)
+
+
+def test_in_memory_model_and_dataframe_manifest(image_set, tmp_path, monkeypatch):
+    monkeypatch.chdir(image_set)
+    df = pd.DataFrame({"path": ["images/circle/circle_000.png", "images/square/square_000.png",
+                                "images/stripe/stripe_000.png"],
+                       "label": ["circle", "square", "stripe"], "site": ["a", "b", "a"]})
+    s = biasscope.scan(make_cnn(), df, out=tmp_path / "o", batch_size=2, progress=False)
+    assert s.table["site"].tolist() == ["a", "b", "a"]
+    assert s.table["inside_frac"].isna().all()
+
+
+RUNNER = textwrap.dedent("""
+    import sys, biasscope
+    biasscope.scan(sys.argv[1], sys.argv[2], out=sys.argv[3], batch_size=4, chunk_size=8, progress=False)
+""")
+
+
+def test_resume_after_a_real_kill_gives_the_uninterrupted_result(tmp_path):
+    data = make_image_set(tmp_path / "d", n_per_class=60)
+    model = tmp_path / "m.keras"
+    make_cnn().save(model)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(model), str(data), str(out)],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    marker = out / "chunks" / "rows-00002.parquet"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the scan finished before it could be interrupted"
+    assert json.loads((out / "meta.json").read_text())["status"] == "running"
+    resumed = biasscope.scan(model, data, out=out, batch_size=4, chunk_size=8, progress=False)
+    assert resumed.meta["timings"]["resumed_at"] >= 24
+    clean = biasscope.scan(model, data, out=tmp_path / "clean", batch_size=4, chunk_size=8, progress=False)
+    pd.testing.assert_frame_equal(resumed.table, clean.table)
+    np.testing.assert_array_equal(resumed.heatmaps, clean.heatmaps)
+    np.testing.assert_array_equal(resumed.heatmaps_true, clean.heatmaps_true)
