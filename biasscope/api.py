@@ -9,6 +9,7 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -210,37 +211,58 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     if start:
         rep.note(f"resuming at image {start:,} of {len(ds):,} ({writer.next_chunk} chunk(s) already stored)")
     pipe = make_pipeline(ds, image_size=(H, W), channels=C, batch_size=batch_size, start=start)
-    with rep.task("Grad-CAM", total=len(ds)) as task:
+    label_idx_all = ds.table["label_idx"].to_numpy()
+    stage = {"input_wait_s": 0.0, "gradcam_wait_s": 0.0, "postprocess_s": 0.0}
+
+    def postprocess(batch, res):
+        """Metrics, rows and storage for one batch; runs while the next batch is on the model."""
+        t = time.perf_counter()
+        idx = batch["index"].numpy()
+        valid = idx >= 0
+        att = attention_metrics(res["cam_pred"][valid], batch["mask"].numpy()[valid],
+                                mask_valid=batch["has_mask"].numpy()[valid])
+        _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
+        pred = res["pred_idx"][valid]
+        rows = pd.DataFrame({
+            "index": idx[valid],
+            "pred": names[pred], "pred_idx": pred.astype(np.int32),
+            "correct": pred == label_idx_all[idx[valid]],
+            "confidence": res["confidence"][valid].astype(np.float64),
+            "label_prob": res["label_prob"][valid].astype(np.float64),
+            "top5": list(res["top_idx"][valid].astype(np.int32)),
+            "top5_prob": list(res["top_prob"][valid].astype(np.float32)),
+            **{k: np.asarray(v, dtype=np.float64) for k, v in att.items()},
+        })
+        # float16 cannot hold the tiny CAMs some models produce: store each map scaled to a
+        # peak of 1 and keep its peak in the table (every metric is scale-invariant)
+        cam_p, rows["cam_max"] = _unit_peak(res["cam_pred"][valid])
+        cam_t, rows["cam_true_max"] = _unit_peak(res["cam_true"][valid])
+        writer.add(rows, cam_p, cam_t, reasons=reasons)
+        stage["postprocess_s"] += time.perf_counter() - t
+        return int(idx[valid][-1]) + 1 if valid.any() else 0
+
+    with rep.task("Grad-CAM", total=len(ds)) as task, ThreadPoolExecutor(1) as pool:
         task.advance(start)
-        done = start
-        for batch in pipe:
-            idx = batch["index"].numpy()
-            valid = idx >= 0
-            res = engine(batch["image"], batch["label"])
-            has_mask = batch["has_mask"].numpy()[valid]
-            att = attention_metrics(res["cam_pred"][valid], batch["mask"].numpy()[valid],
-                                    mask_valid=has_mask)
-            _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
-            pred = res["pred_idx"][valid]
-            label_idx = ds.table["label_idx"].to_numpy()[idx[valid]]
-            rows = pd.DataFrame({
-                "index": idx[valid],
-                "pred": names[pred], "pred_idx": pred.astype(np.int32),
-                "correct": pred == label_idx,
-                "confidence": res["confidence"][valid].astype(np.float64),
-                "label_prob": res["label_prob"][valid].astype(np.float64),
-                "top5": list(res["top_idx"][valid].astype(np.int32)),
-                "top5_prob": list(res["top_prob"][valid].astype(np.float32)),
-                **{k: np.asarray(v, dtype=np.float64) for k, v in att.items()},
-            })
-            # float16 cannot hold the tiny CAMs some models produce: store each map scaled to a
-            # peak of 1 and keep its peak in the table (every metric is scale-invariant)
-            cam_p, rows["cam_max"] = _unit_peak(res["cam_pred"][valid])
-            cam_t, rows["cam_true_max"] = _unit_peak(res["cam_true"][valid])
-            writer.add(rows, cam_p, cam_t, reasons=reasons)
-            n_new = int(idx[valid][-1]) + 1 - done if valid.any() else 0
-            done += n_new
-            task.advance(n_new)
+        done, prev = start, None
+        it = iter(pipe)
+        while True:
+            t = time.perf_counter()
+            batch = next(it, None)
+            stage["input_wait_s"] += time.perf_counter() - t
+            if batch is None:
+                break
+            running = pool.submit(engine, batch["image"], batch["label"])
+            if prev is not None:
+                end = postprocess(*prev)
+                task.advance(end - done)
+                done = end
+            t = time.perf_counter()
+            prev = (batch, running.result())
+            stage["gradcam_wait_s"] += time.perf_counter() - t
+        if prev is not None:
+            end = postprocess(*prev)
+            task.advance(end - done)
+            done = end
         writer.close(reasons)
         task.advance(len(ds) - done)
     pass_s = time.perf_counter() - t_pass
@@ -273,7 +295,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         "status": "complete", "n_scanned": len(table), "skipped": skipped, "warnings": warnings,
         "timings": {"total_s": time.perf_counter() - t0, "gradcam_pass_s": pass_s,
                     "images_per_s": (len(ds) - start) / pass_s if pass_s > 0 else None,
-                    "resumed_at": start, "traces": engine.concrete_functions},
+                    "resumed_at": start, "traces": engine.concrete_functions, **stage},
     })
     write_json(out / "meta.json", meta)
     return load(out)
