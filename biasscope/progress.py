@@ -46,6 +46,8 @@ class Reporter:
         with _RateProgress(*columns, console=console, transient=False, unit=unit) as p:
             tid = p.add_task(description, total=total, rate="")
             yield _Task(p, tid, unit)
+            if p.tasks[0].total is None:  # an open-ended step shows as done when it is
+                p.update(tid, total=1, completed=1)
 
     def note(self, message: str) -> None:
         if self.enabled:
