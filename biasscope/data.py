@@ -43,6 +43,7 @@ class Dataset:
     class_index: dict        # class name -> model output index
     attributes: list = field(default_factory=list)
     missing_masks: list = field(default_factory=list)
+    arrays: dict | None = None  # in-memory data: {"images": (N,H,W,C), "masks": (N,H,W) | None}
 
     def __len__(self) -> int:
         return len(self.table)
@@ -56,8 +57,11 @@ class Dataset:
         import hashlib
 
         cols = ["path", "label", "mask_file", *BOX_COLS]
-        blob = self.table[cols].to_csv(index=False).encode()
-        return hashlib.sha256(blob).hexdigest()
+        h = hashlib.sha256(self.table[cols].to_csv(index=False).encode())
+        for arr in (self.arrays or {}).values():
+            if arr is not None:
+                h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
 
 
 def _images_dir(root: Path) -> Path:
@@ -130,6 +134,8 @@ def load_dataset(data, *, masks=None, class_map=None, n_outputs: int | None = No
     ``n_outputs`` (the model's number of classes) checks the class alignment: without a class
     map, the sorted class names must match the outputs one to one.
     """
+    if isinstance(data, (tuple, list)):
+        return _from_arrays(data, class_map=class_map, n_outputs=n_outputs, limit=limit)
     masks_dir = Path(masks) if masks is not None else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise BiasscopeError(f"--masks {masks_dir}: not a directory")
@@ -178,6 +184,46 @@ def load_dataset(data, *, masks=None, class_map=None, n_outputs: int | None = No
     df = df[front + attributes]
     return Dataset(root=Path(root).resolve(), table=df, classes=classes, class_index=class_index,
                    attributes=attributes, missing_masks=missing_masks)
+
+
+def _from_arrays(data, *, class_map, n_outputs, limit) -> Dataset:
+    """In-memory data: ``(images, labels)`` or ``(images, labels, masks)``.
+
+    images (N, H, W, C) in 0..255; labels (N,) class names (str, aligned like folder names) or
+    integers (taken as model output indices); masks (N, H, W), nonzero = object.
+    """
+    if len(data) not in (2, 3):
+        raise BiasscopeError("in-memory data must be (images, labels) or (images, labels, masks)")
+    images, labels = np.asarray(data[0]), np.asarray(data[1])
+    masks = np.asarray(data[2]) if len(data) == 3 and data[2] is not None else None
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise BiasscopeError(f"images must have shape (N, H, W, 1|3): shape is {images.shape}")
+    if labels.shape != (len(images),):
+        raise BiasscopeError(f"labels must have shape ({len(images)},): shape is {labels.shape}")
+    if masks is not None and masks.shape != images.shape[:3]:
+        raise BiasscopeError(f"masks must have shape {images.shape[:3]}: shape is {masks.shape}")
+    if len(images) == 0:
+        raise BiasscopeError("in-memory data: no images")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+        masks = masks[:limit] if masks is not None else None
+    if np.issubdtype(labels.dtype, np.integer):
+        names = labels.astype(str)
+        classes = sorted(set(names), key=int)
+        class_index = {c: int(c) for c in classes}
+        if n_outputs is not None and max(class_index.values()) >= n_outputs:
+            raise BiasscopeError(f"label {max(class_index.values())} is out of range for a model with "
+                                 f"{n_outputs} outputs")
+    else:
+        names = labels.astype(str)
+        classes = sorted(set(names))
+        class_index = _align_classes(classes, class_map, n_outputs, where="in-memory data")
+    n = len(images)
+    table = pd.DataFrame({"path": [f"array[{i}]" for i in range(n)], "label": names,
+                          "label_idx": pd.Series(names).map(class_index).astype("int32"),
+                          "file": "", "mask_file": "", **{c: np.nan for c in BOX_COLS}})
+    return Dataset(root=Path(".").resolve(), table=table, classes=classes, class_index=class_index,
+                   arrays={"images": images, "masks": None if masks is None else masks != 0})
 
 
 def _from_frame(df: pd.DataFrame, root: Path) -> pd.DataFrame:

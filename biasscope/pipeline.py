@@ -40,6 +40,8 @@ def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: 
     """Batches of dicts: index, image (B,H,W,C) float32 0..255, mask (B,H,W) bool, has_mask,
     image_hw and mask_hw (original sizes, for the aspect-ratio check)."""
     H, W = (int(s) for s in image_size)
+    if ds.arrays is not None:
+        return _array_pipeline(ds, H, W, channels, batch_size, start)
     t = ds.table.iloc[start:]
     box = t[["x0", "y0", "x1", "y1"]].to_numpy(dtype="float32")
     src = tf.data.Dataset.from_tensor_slices({
@@ -87,9 +89,13 @@ def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: 
             "mask_hw": mhw,
         }
 
+    return _batched(src.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors(),
+                    batch_size, threads)
+
+
+def _batched(ds, batch_size, threads=None):
     def pad(batch):
-        n = tf.shape(batch["index"])[0]
-        extra = batch_size - n
+        extra = batch_size - tf.shape(batch["index"])[0]
 
         def pad_one(key, x):
             fill = -1 if key == "index" else 0
@@ -102,12 +108,39 @@ def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: 
     opts.deterministic = True
     if threads:
         opts.threading.private_threadpool_size = int(threads)
-    return (src.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .ignore_errors()
-            .batch(batch_size)
-            .map(pad, num_parallel_calls=1)
-            .prefetch(2)
-            .with_options(opts))
+    return ds.batch(batch_size).map(pad, num_parallel_calls=1).prefetch(2).with_options(opts)
+
+
+def _array_pipeline(ds, H, W, channels, batch_size, start):
+    """In-memory images: the same elements as from files, without decoding."""
+    images = ds.arrays["images"][start:]
+    masks = ds.arrays["masks"]
+    n = len(images)
+    src = tf.data.Dataset.from_tensor_slices({
+        "index": np.arange(start, start + n, dtype=np.int64),
+        "label": ds.table["label_idx"].to_numpy(dtype=np.int32)[start:],
+        "image": images,
+        "mask": masks[start:] if masks is not None else np.zeros((n, 1, 1), bool),
+    })
+    has_mask = masks is not None
+
+    def load(el):
+        img = tf.cast(el["image"], tf.float32)
+        if channels == 1 and img.shape[-1] == 3:
+            img = tf.image.rgb_to_grayscale(img)
+        elif channels == 3 and img.shape[-1] == 1:
+            img = tf.image.grayscale_to_rgb(img)
+        hw = tf.shape(img)[:2]
+        m = tf.cast(el["mask"], tf.uint8)[..., None]
+        return {
+            "index": el["index"], "label": el["label"],
+            "image": tf.ensure_shape(tf.image.resize(img, (H, W), method="bilinear"), (H, W, channels)),
+            "mask": tf.image.resize(m, (H, W), method="nearest")[..., 0] > 0,
+            "has_mask": tf.constant(has_mask),
+            "image_hw": hw, "mask_hw": hw,
+        }
+
+    return _batched(src.map(load, num_parallel_calls=AUTOTUNE, deterministic=True), batch_size)
 
 
 def why_unreadable(file: str, mask_file: str = "") -> str:

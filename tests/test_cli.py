@@ -80,3 +80,17 @@ def test_bench_reports_ratios(cnn_path, tmp_path):
 
 def test_bench_needs_model_or_arch():
     _one_line_error(runner.invoke(app, ["bench"]), "MODEL path or --arch")
+
+
+def test_legacy_h5_model_scans(image_set, tmp_path):
+    h5 = tmp_path / "legacy.h5"
+    make_cnn().save(h5)
+    r = runner.invoke(app, ["scan", str(h5), str(image_set), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["layer"] == "last_conv"
+
+
+def test_savedmodel_without_keras_layers_is_explained(image_set, tmp_path):
+    sm = tmp_path / "exported"
+    make_cnn().export(sm, verbose=False)
+    _one_line_error(runner.invoke(app, ["scan", str(sm), str(image_set)]), "SavedModel", ".keras")

@@ -146,3 +146,20 @@ def test_resume_after_a_real_kill_gives_the_uninterrupted_result(tmp_path):
     pd.testing.assert_frame_equal(resumed.table, clean.table)
     np.testing.assert_array_equal(resumed.heatmaps, clean.heatmaps)
     np.testing.assert_array_equal(resumed.heatmaps_true, clean.heatmaps_true)
+
+
+def test_in_memory_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (10, 40, 40, 3)).astype(np.uint8)
+    masks = np.zeros((10, 40, 40), bool)
+    masks[:, :20, :] = True  # the top half
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    s = biasscope.scan(make_cnn(), (images, labels, masks), out=tmp_path / "o", batch_size=4, progress=False)
+    assert s.table["path"].tolist()[:2] == ["array[0]", "array[1]"]
+    assert s.table["label_idx"].tolist() == labels.tolist()
+    np.testing.assert_allclose(s.table["mask_frac"], 0.5)
+    named = biasscope.scan(make_cnn(), (images, np.array(["b", "a", "c"] * 3 + ["a"])), out=tmp_path / "p",
+                           batch_size=4, progress=False)
+    assert named.meta["classes"] == ["a", "b", "c"] and named.table["inside_frac"].isna().all()
+    with pytest.raises(BiasscopeError, match="labels must have shape \\(10,\\)"):
+        biasscope.scan(make_cnn(), (images, labels[:3]), out=tmp_path / "q", progress=False)
