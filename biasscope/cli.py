@@ -10,7 +10,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -51,7 +51,7 @@ def scan(
     layer: Optional[str] = typer.Option(None, "--layer", help="Target layer (nested path like base/conv_5 allowed); default: automatic."),
     method: Method = typer.Option(Method.gradcam, "--method"),
     batch_size: int = BatchOpt,
-    image_size: Optional[List[int]] = typer.Option(None, "--image-size", help="H W, for models with a flexible input size.", show_default=False),
+    image_size: Optional[Tuple[int, int]] = typer.Option(None, "--image-size", help="H W, for models with a flexible input size.", show_default=False),
     preprocess: str = PreprocessOpt,
     class_map: Optional[Path] = typer.Option(None, "--class-map", help='JSON {"class_name": output_index}.'),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Scan at most N images (spread over classes)."),
@@ -63,8 +63,6 @@ def scan(
     """Run Grad-CAM over DATA with MODEL and store predictions, heatmaps and attention metrics."""
     from .api import scan as run_scan
 
-    if image_size is not None and len(image_size) != 2:
-        _fail(BiasscopeError(f"--image-size takes two numbers H W, got {len(image_size)}"))
     try:
         result = run_scan(model, data, masks=masks, out=out, layer=layer, method=method.value,
                           batch_size=batch_size, image_size=image_size, preprocess=preprocess,
@@ -152,7 +150,7 @@ def bench(
     arch: Optional[str] = typer.Option(None, "--arch", help="A keras.applications architecture, built with weights=None."),
     n: int = typer.Option(256, "--n", min=1, help="Number of images."),
     batch_size: int = BatchOpt,
-    image_size: List[int] = typer.Option([224, 224], "--image-size", help="H W (for --arch)."),
+    image_size: Tuple[int, int] = typer.Option((224, 224), "--image-size", help="H W (for --arch)."),
     recipe_sample: int = typer.Option(8, "--recipe-sample", min=0, help="Images timed with the per-image recipe (0: skip)."),
     preprocess: str = PreprocessOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
@@ -160,8 +158,6 @@ def bench(
     """Scan-from-disk throughput as a ratio to a compiled forward pass over the same images."""
     from .bench import run_bench
 
-    if len(image_size) != 2:
-        _fail(BiasscopeError(f"--image-size takes two numbers H W, got {len(image_size)}"))
     try:
         res = run_bench(model, arch=arch, n=n, batch_size=batch_size, image_size=tuple(image_size),
                         recipe_sample=recipe_sample, preprocess=preprocess)
@@ -190,10 +186,27 @@ def bench(
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
     except BiasscopeError as exc:  # a library error that escaped a command
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Exception as exc:
+        # usage errors (bad option, missing argument, path that does not exist) carry a
+        # format_message and an exit code; show them as one line instead of a help panel
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            out_console.print(ctx.get_help(), highlight=False)
+            sys.exit(0)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/] {where}{exc.format_message()}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_scan_prints_summary_and_writes_result(image_set, cnn_path, tmp_path):
     (lambda m, d, t: ["scan", str(t / "junk.keras"), str(d)], ["could not load the model"]),
     (lambda m, d, t: ["scan", str(m), str(d), "--layer", "last_cnv"], ["no layer 'last_cnv'", "last_conv"]),
     (lambda m, d, t: ["scan", str(m), str(t / "empty")], ["no images found"]),
-    (lambda m, d, t: ["scan", str(m), str(d), "--image-size", "10"], ["--image-size takes two numbers"]),
+    (lambda m, d, t: ["scan", str(m), str(d), "--image-size", "10", "12"], ["--image-size 10 12", "32x32"]),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragments, image_set, cnn_path, tmp_path):
     (tmp_path / "junk.keras").write_bytes(b"this is not a zip file")
@@ -94,3 +94,19 @@ def test_savedmodel_without_keras_layers_is_explained(image_set, tmp_path):
     sm = tmp_path / "exported"
     make_cnn().export(sm, verbose=False)
     _one_line_error(runner.invoke(app, ["scan", str(sm), str(image_set)]), "SavedModel", ".keras")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["scan", "--bogus"], "No such option: --bogus"),
+    (["scan", "missing.keras", "data"], "path 'missing.keras' does not exist"),
+    (["bench", "--image-size", "64", "x"], "--image-size"),
+])
+def test_usage_errors_from_the_console_script_are_one_line(argv, fragment, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "biasscope.cli", *argv], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and fragment in err, err
