@@ -222,22 +222,21 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         att = attention_metrics(res["cam_pred"][valid], batch["mask"].numpy()[valid],
                                 mask_valid=batch["has_mask"].numpy()[valid])
         _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
-        pred = res["pred_idx"][valid]
-        rows = pd.DataFrame({
-            "index": idx[valid],
-            "pred": names[pred], "pred_idx": pred.astype(np.int32),
+        pred = res["pred_idx"][valid].astype(np.int32)
+        cols = {
+            "index": idx[valid], "pred_idx": pred,
             "correct": pred == label_idx_all[idx[valid]],
             "confidence": res["confidence"][valid].astype(np.float64),
             "label_prob": res["label_prob"][valid].astype(np.float64),
-            "top5": list(res["top_idx"][valid].astype(np.int32)),
-            "top5_prob": list(res["top_prob"][valid].astype(np.float32)),
+            "top5": res["top_idx"][valid].astype(np.int32),
+            "top5_prob": res["top_prob"][valid].astype(np.float32),
             **{k: np.asarray(v, dtype=np.float64) for k, v in att.items()},
-        })
+        }
         # float16 cannot hold the tiny CAMs some models produce: store each map scaled to a
         # peak of 1 and keep its peak in the table (every metric is scale-invariant)
-        cam_p, rows["cam_max"] = _unit_peak(res["cam_pred"][valid])
-        cam_t, rows["cam_true_max"] = _unit_peak(res["cam_true"][valid])
-        writer.add(rows, cam_p, cam_t, reasons=reasons)
+        cam_p, cols["cam_max"] = _unit_peak(res["cam_pred"][valid])
+        cam_t, cols["cam_true_max"] = _unit_peak(res["cam_true"][valid])
+        writer.add(cols, cam_p, cam_t, reasons=reasons)
         stage["postprocess_s"] += time.perf_counter() - t
         return int(idx[valid][-1]) + 1 if valid.any() else 0
 
@@ -267,6 +266,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         task.advance(len(ds) - done)
     pass_s = time.perf_counter() - t_pass
     table, skipped = writer.assemble(out, ds.table.drop(columns=["file", "mask_file"]))
+    table.insert(table.columns.get_loc("pred_idx"), "pred", names[table["pred_idx"].to_numpy()])
     table["cluster"] = pd.array([pd.NA] * len(table), dtype="Int32")  # filled by the analysis
     table["embed_x"] = np.nan
     table["embed_y"] = np.nan

@@ -74,7 +74,7 @@ class ChunkWriter:
         self.heat_shape = tuple(heat_shape)
         self.n_chunks = -(-self.n_total // self.chunk_size)
         self.next_chunk = self.completed_chunks()
-        self._rows: list[pd.DataFrame] = []
+        self._cols: list[dict] = []
         self._heat: list[np.ndarray] = []
         self._heat_true: list[np.ndarray] = []
 
@@ -88,15 +88,17 @@ class ChunkWriter:
     def start_index(self) -> int:
         return min(self.next_chunk * self.chunk_size, self.n_total)
 
-    def add(self, rows: pd.DataFrame, heat: np.ndarray, heat_true: np.ndarray, *, reasons) -> None:
-        """Buffer one batch (rows carry an ``index`` column, ascending) and flush full chunks.
+    def add(self, cols: dict, heat: np.ndarray, heat_true: np.ndarray, *, reasons) -> None:
+        """Buffer one batch and flush full chunks.
 
-        ``reasons(indices) -> list[str]`` explains rows the pipeline dropped.
+        ``cols`` maps column names to numpy arrays of equal length (2-D arrays become list
+        columns); ``cols["index"]`` is ascending. ``reasons(indices) -> list[str]`` explains rows
+        the pipeline dropped. Tables are only built per chunk: no pandas work per batch.
         """
-        self._rows.append(rows)
+        self._cols.append(cols)
         self._heat.append(heat.astype(np.float16))
         self._heat_true.append(heat_true.astype(np.float16))
-        last = int(rows["index"].iloc[-1]) if len(rows) else -1
+        last = int(cols["index"][-1]) if len(cols["index"]) else -1
         while self.next_chunk < self.n_chunks and last >= (self.next_chunk + 1) * self.chunk_size - 1:
             self._flush(reasons)
 
@@ -107,20 +109,22 @@ class ChunkWriter:
     def _flush(self, reasons) -> None:
         k = self.next_chunk
         hi = min((k + 1) * self.chunk_size, self.n_total)
-        rows = pd.concat(self._rows, ignore_index=True) if self._rows else pd.DataFrame({"index": []})
+        if self._cols:
+            cols = {name: np.concatenate([c[name] for c in self._cols]) for name in self._cols[0]}
+        else:
+            cols = {"index": np.zeros(0, np.int64)}
         heat = np.concatenate(self._heat) if self._heat else np.zeros((0, *self.heat_shape), np.float16)
         heat_t = np.concatenate(self._heat_true) if self._heat_true else heat
-        take = rows["index"].to_numpy() < hi
+        take = cols["index"] < hi
         lo = k * self.chunk_size
-        expected = np.arange(lo, hi)
-        skipped = np.setdiff1d(expected, rows["index"].to_numpy()[take]).tolist()
+        skipped = np.setdiff1d(np.arange(lo, hi), cols["index"][take]).tolist()
         skip = [{"index": i, "reason": r} for i, r in zip(skipped, reasons(skipped))] if skipped else []
         np.save(self.dir / f"heat-{k:05d}.npy", heat[take])
         np.save(self.dir / f"heat_true-{k:05d}.npy", heat_t[take])
         write_json(self.dir / f"skip-{k:05d}.json", skip)
-        _atomic_write_bytes(self.dir / f"rows-{k:05d}.parquet",
-                            lambda p: rows[take].reset_index(drop=True).to_parquet(p, index=False))
-        self._rows = [rows[~take].reset_index(drop=True)]
+        frame = pd.DataFrame({name: list(v[take]) if v.ndim > 1 else v[take] for name, v in cols.items()})
+        _atomic_write_bytes(self.dir / f"rows-{k:05d}.parquet", lambda p: frame.to_parquet(p, index=False))
+        self._cols = [{name: v[~take] for name, v in cols.items()}]
         self._heat, self._heat_true = [heat[~take]], [heat_t[~take]]
         self.next_chunk += 1
 
