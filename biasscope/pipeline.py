@@ -52,17 +52,22 @@ def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: 
         "box": box,
     })
 
+    @tf.autograph.experimental.do_not_convert  # plain graph code: skip autograph's conversion
     def load(el):
         img = _decode(el["file"], channels)
         hw = tf.shape(img)[:2]
-        image = tf.image.resize(tf.cast(img, tf.float32), (H, W), method="bilinear")
+        # most validation sets are stored at the model's size: skip the resize for those
+        image = tf.cond(tf.reduce_all(hw == (H, W)),
+                        lambda: tf.cast(img, tf.float32),
+                        lambda: tf.image.resize(tf.cast(img, tf.float32), (H, W), method="bilinear"))
         has_file = tf.strings.length(el["mask_file"]) > 0
         has_box = tf.reduce_all(tf.math.is_finite(el["box"]))
 
         def from_file():
             m = tf.io.decode_png(tf.io.read_file(el["mask_file"]), channels=1)
             mhw = tf.shape(m)[:2]
-            m = tf.image.resize(m, (H, W), method="nearest")[..., 0] > 0
+            m = tf.cond(tf.reduce_all(mhw == (H, W)), lambda: m,
+                        lambda: tf.image.resize(m, (H, W), method="nearest"))[..., 0] > 0
             return m, mhw
 
         def from_box():
@@ -94,6 +99,7 @@ def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: 
 
 
 def _batched(ds, batch_size, threads=None):
+    @tf.autograph.experimental.do_not_convert
     def pad(batch):
         extra = batch_size - tf.shape(batch["index"])[0]
 
