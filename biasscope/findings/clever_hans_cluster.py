@@ -1,0 +1,100 @@
+"""``clever_hans_cluster``: a coherent group of heatmaps that uses a shortcut (SpRAy).
+
+Reads the clusters of :func:`biasscope.analysis.analyse` (per predicted class). A cluster large
+enough to be a strategy rather than noise (``size >= max(cluster_min_size, cluster_min_share *
+class size)``) is flagged when its attention is
+
+* **off the object**: with masks, its mean ``inside_frac`` is below ``off_object_inside`` and at
+  least ``cluster_inside_gap`` below the rest of its class; or
+* **at a fixed location**: half of its mean heatmap lies in at most ``cluster_hot_area`` of the
+  image and its members' own centres of mass agree to within ``cluster_jitter`` (RMS, image
+  units) -- one spot, not a region where objects happen to lie -- while the rest of its class
+  puts at most ``cluster_rest_mass`` of its attention there -- so the spot is not simply where
+  this class's objects usually are -- and, where masks exist, that spot is not on the object.
+
+A class that is a single cluster is left to ``spurious_background``: with no rest of the class to
+compare with, a concentrated cluster is just as likely a dataset of centred objects.
+
+Severity = evidence strength x size weight: strength ``min(1, gap / 0.4)`` (off object) or
+``min(1, (0.5 - rest_mass) / 0.5)`` (fixed spot; 0.5 is the mass the cluster itself has there),
+the larger of the two; the weight ``0.5 + 0.5 * min(1, share / 0.25)`` grows with the share of
+the class the cluster holds (full weight from a quarter).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Context, Detector, DetectorResult, register
+
+
+@register
+class CleverHansCluster(Detector):
+    name = kind = "clever_hans_cluster"
+    scope = "cluster"
+    description = "Heatmap clusters whose attention sits off the object or at one fixed spot."
+
+    def run(self, ctx: Context) -> DetectorResult:
+        clusters = ctx.analysis.get("clusters")
+        if clusters is None:
+            return DetectorResult.skip("no cluster analysis in the context (run biasscope.analysis.analyse)")
+        o = ctx.options
+        class_n: dict = {}
+        for cl in clusters:
+            class_n[cl["class"]] = class_n.get(cl["class"], 0) + int(cl["size"])
+        n_clusters = {c: sum(1 for cl in clusters if cl["class"] == c) for c in class_n}
+        member = self._cluster_column(ctx)
+        flags = np.zeros(ctx.n, bool)
+        findings = []
+        for cl in clusters:
+            c, size = cl["class"], int(cl["size"])
+            share = size / class_n[c]
+            min_size = max(int(o["cluster_min_size"]), o["cluster_min_share"] * class_n[c])
+            if n_clusters[c] < 2 or size < min_size:
+                continue
+            strength, reasons = 0.0, []
+            m_if, rest_if = cl.get("mean_inside_frac"), cl.get("rest_mean_inside_frac")
+            has_masks = (cl.get("n_with_mask") or 0) >= 3 and m_if is not None
+            if has_masks and rest_if is not None and m_if < o["off_object_inside"] \
+                    and rest_if - m_if >= o["cluster_inside_gap"]:
+                strength = max(strength, min(1.0, (rest_if - m_if) / 0.4))
+                reasons.append("off_object")
+            hot, rest_mass = cl.get("hot_area"), cl.get("rest_mass_in_hot")
+            jitter = cl.get("centroid_jitter")
+            on_object = has_masks and m_if >= o["off_object_inside"]
+            if None not in (hot, rest_mass, jitter) and hot <= o["cluster_hot_area"] \
+                    and jitter <= o["cluster_jitter"] and rest_mass <= o["cluster_rest_mass"] \
+                    and not on_object:
+                strength = max(strength, min(1.0, (0.5 - rest_mass) / 0.5))
+                reasons.append("fixed_location")
+            if not reasons:
+                continue
+            if member is not None:
+                flags |= member == int(cl["id"])
+            cen = cl.get("centroid") or {}
+            where = " and ".join(
+                ["off the object"] * ("off_object" in reasons)
+                + [f"at one spot (x={cen['x']:.2f}, y={cen['y']:.2f})"] * ("fixed_location" in reasons))
+            findings.append(self.finding(
+                severity=strength * (0.5 + 0.5 * min(1.0, share / 0.25)),
+                title=f"{size} predictions of '{c}' ({share:.0%}) attend {where}",
+                class_=c, cluster=int(cl["id"]),
+                evidence={"reasons": reasons, "size": size, "share_of_class": share,
+                          "accuracy": cl.get("accuracy"), "mean_inside_frac": m_if,
+                          "rest_mean_inside_frac": rest_if, "mean_lift": cl.get("mean_lift"),
+                          "centroid": cen, "spread": cl.get("spread"), "hot_area": hot,
+                          "centroid_jitter": jitter,
+                          "rest_mass_in_hot": rest_mass, "mean_heatmap": cl.get("mean_heatmap")},
+                examples=list(cl.get("examples", []))[: int(o["max_examples"])],
+            ))
+        return DetectorResult(flags=flags if member is not None else None, findings=findings)
+
+    @staticmethod
+    def _cluster_column(ctx: Context):
+        """Cluster id per image (-1 = none), or None when the table's column is not filled."""
+        if "cluster" not in ctx.table.columns:
+            return None
+        c = ctx.col("cluster")
+        if not np.isfinite(c).any():
+            return None
+        return np.where(np.isfinite(c), c, -1).astype(np.int64)

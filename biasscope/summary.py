@@ -1,0 +1,197 @@
+"""Headline figures of a scan (``summary.json``) and the ``--fail-on`` gates.
+
+Gate expressions (no ``eval``; a small regular grammar):
+
+* ``KIND`` -- trips if there is any finding of that kind, e.g. ``spurious_background``;
+* ``KIND OP NUMBER`` -- compares the number of findings of that kind, e.g. ``label_issue>5``;
+* ``severity OP NUMBER`` -- trips if any finding's severity satisfies it, e.g. ``severity>=0.7``;
+* ``KEY OP NUMBER`` -- compares a numeric summary figure, e.g. ``worst_group_acc<0.8``,
+  ``accuracy<0.9``, ``n_findings>0``;
+
+with ``OP`` one of ``< <= > >= == !=``. An unknown name or a malformed expression raises
+:class:`~biasscope.errors.BiasscopeError` naming the expression. A figure that is not available
+for this scan (``mean_inside_frac`` without masks) does not trip its gate; the detail says so.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+
+import numpy as np
+import pandas as pd
+
+from biasscope.analysis import infer_attributes, to_jsonable
+from biasscope.errors import BiasscopeError
+from biasscope.findings import BANDS, REGISTRY, severity_band  # registers every detector
+
+__all__ = ["summarise", "evaluate_gates", "BANDS"]
+
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+        "==": operator.eq, "!=": operator.ne}
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_COMPARE = re.compile(rf"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*({_NUMBER})\s*$")
+_BARE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*$")
+
+
+def _as_dict(f) -> dict:
+    return f.to_dict() if hasattr(f, "to_dict") else dict(f)
+
+
+#: Documented kinds produced outside the detector registry (``background_reliance`` needs the
+#: model): a gate on them is valid even when this scan has none.
+EXTRA_KINDS = ("background_reliance",)
+
+
+def _known_kinds() -> list[str]:
+    return [cls.kind for cls in REGISTRY.values()] + [k for k in EXTRA_KINDS if k not in REGISTRY]
+
+
+def _worst_group(table: pd.DataFrame, attributes) -> tuple[float | None, dict | None]:
+    """Lowest accuracy over (labelled class, attribute value) groups; per-class accuracy
+    minimum when there are no attributes."""
+    correct = table["correct"].astype(bool)
+    label = table["label"].astype(str)
+    best = None
+    if attributes:
+        for a in attributes:
+            v = table[a]
+            ok = v.notna()
+            acc = correct[ok].groupby([label[ok], v[ok].astype(str)], sort=True).agg(["mean", "size"])
+            for (c, val), row in acc.iterrows():
+                cand = (float(row["mean"]), {"class": c, "attribute": a, "value": val, "n": int(row["size"])})
+                if best is None or cand[0] < best[0]:
+                    best = cand
+    else:
+        acc = correct.groupby(label, sort=True).agg(["mean", "size"])
+        for c, row in acc.iterrows():
+            cand = (float(row["mean"]), {"class": c, "n": int(row["size"])})
+            if best is None or cand[0] < best[0]:
+                best = cand
+    return (None, None) if best is None else best
+
+
+def summarise(table: pd.DataFrame, findings, analysis: dict | None = None) -> dict:
+    """Headline figures for ``summary.json`` and the gates.
+
+    Parameters
+    ----------
+    table : DataFrame
+        The scan table (``label``, ``correct``; ``inside_frac`` and attributes where present).
+    findings : list of Finding or of dicts (as stored in ``findings.json``)
+    analysis : dict, optional
+        The analysis dict; its ``attributes`` name the attribute columns (else every non-core
+        column is one).
+
+    Returns
+    -------
+    dict (JSON-serialisable)
+        ``n``, ``n_classes``, ``accuracy``, ``worst_group_acc``, ``worst_group`` (which group),
+        ``mean_inside_frac`` (None without masks), ``n_with_mask``, ``n_findings``,
+        ``max_severity``, ``findings_by_kind`` (every known kind, 0 included),
+        ``findings_by_severity`` (``high`` >= 0.7, ``medium`` >= 0.4, ``low``).
+    """
+    analysis = analysis or {}
+    if not isinstance(table, pd.DataFrame) or "correct" not in table.columns or "label" not in table.columns:
+        raise BiasscopeError("summarise needs the scan table with 'label' and 'correct' columns")
+    attributes = analysis.get("attributes")
+    if attributes is None:
+        attributes = infer_attributes(table)
+    attributes = [a for a in attributes if a in table.columns]
+    fs = [_as_dict(f) for f in findings]
+    n = len(table)
+    inside = pd.to_numeric(table["inside_frac"], errors="coerce") if "inside_frac" in table.columns \
+        else pd.Series(np.nan, index=table.index)
+    worst, which = _worst_group(table, attributes)
+    by_kind = {k: 0 for k in _known_kinds()}
+    for f in fs:
+        by_kind[f["kind"]] = by_kind.get(f["kind"], 0) + 1
+    by_band = {name: 0 for name, _ in BANDS}
+    for f in fs:
+        by_band[severity_band(float(f["severity"]))] += 1
+    return to_jsonable({
+        "n": n,
+        "n_classes": int(table["label"].nunique()),
+        "accuracy": float(table["correct"].astype(bool).mean()) if n else None,
+        "worst_group_acc": worst,
+        "worst_group": which,
+        "mean_inside_frac": float(inside.mean()) if inside.notna().any() else None,
+        "n_with_mask": int(inside.notna().sum()),
+        "n_findings": len(fs),
+        "max_severity": max((float(f["severity"]) for f in fs), default=0.0),
+        "findings_by_kind": by_kind,
+        "findings_by_severity": by_band,
+    })
+
+
+def _parse(expr) -> tuple[str, str | None, float | None]:
+    if not isinstance(expr, str):
+        raise BiasscopeError(f"--fail-on expression must be a string, got {expr!r}")
+    m = _COMPARE.match(expr)
+    if m:
+        return m.group(1), m.group(2), float(m.group(3))
+    m = _BARE.match(expr)
+    if m:
+        return m.group(1), None, None
+    raise BiasscopeError(f"--fail-on {expr!r}: malformed; expected KIND, severity>=X or KEY<X "
+                         f"(operators < <= > >= == !=)")
+
+
+def evaluate_gates(expr_list, summary: dict, findings) -> list[dict]:
+    """Evaluate ``--fail-on`` expressions; returns ``[{expr, tripped, detail}]`` in order.
+
+    Raises
+    ------
+    BiasscopeError
+        For a malformed expression or an unknown name (naming the expression).
+    """
+    fs = [_as_dict(f) for f in findings]
+    kinds = set(_known_kinds()) | set(summary.get("findings_by_kind", {})) | {f["kind"] for f in fs}
+    numeric = {k for k, v in summary.items()
+               if (isinstance(v, (int, float)) and not isinstance(v, bool)) or k in _NULLABLE}
+    results = []
+    for expr in expr_list or []:
+        name, op, value = _parse(expr)
+        of_kind = [f for f in fs if f["kind"] == name]
+        if op is None:
+            if name not in kinds:
+                hint = " (a summary figure needs a comparison, e.g. accuracy<0.9)" if name in numeric else ""
+                raise BiasscopeError(f"--fail-on {expr!r}: unknown finding kind {name!r}{hint}; "
+                                     f"known kinds: {sorted(kinds)}")
+            top = max((float(f["severity"]) for f in of_kind), default=None)
+            tripped = bool(of_kind)
+            detail = (f"{len(of_kind)} finding(s) of kind {name} (highest severity {top:.2f})"
+                      if tripped else f"no finding of kind {name}")
+        elif name == "severity":
+            hits = [f for f in fs if _OPS[op](float(f["severity"]), value)]
+            tripped = bool(hits)
+            detail = (f"{len(hits)} finding(s) with severity {op} {value:g}" +
+                      (f", e.g. {hits[0]['id']} ({float(hits[0]['severity']):.2f})" if hits else ""))
+        elif name in kinds:
+            count = len(of_kind)
+            tripped = bool(_OPS[op](count, value))
+            detail = f"{count} finding(s) of kind {name} ({'' if tripped else 'not '}{op} {value:g})"
+        elif name in numeric:
+            actual = summary.get(name)
+            if actual is None or (isinstance(actual, float) and math.isnan(actual)):
+                tripped, detail = False, f"{name} is not available for this scan; gate not applied"
+            else:
+                tripped = bool(_OPS[op](float(actual), value))
+                detail = f"{name} = {float(actual):.4g} ({'' if tripped else 'not '}{op} {value:g})"
+        else:
+            raise BiasscopeError(f"--fail-on {expr!r}: unknown name {name!r}; known: severity, "
+                                 f"finding kinds {sorted(kinds)}, summary figures {sorted(numeric)}")
+        results.append({"expr": expr, "tripped": tripped, "detail": detail})
+    return results
+
+
+def validate_gates(expr_list) -> None:
+    """Raise :class:`BiasscopeError` for a malformed or unknown ``--fail-on`` expression."""
+    dummy = {k: 0 for k in ("n", "n_classes", "accuracy", "worst_group_acc", "mean_inside_frac",
+                            "n_with_mask", "n_findings", "max_severity")}
+    evaluate_gates(expr_list, dummy, [])
+
+
+#: Summary figures that may be None (not available) and are still valid gate names.
+_NULLABLE = frozenset({"accuracy", "worst_group_acc", "mean_inside_frac", "max_severity"})

@@ -1,0 +1,218 @@
+"""Counterfactual background tests on hand-built data with hand-built models of known behaviour.
+
+The images: class k's background is a flat colour in the red/green channels only, its object
+a 4x4 square whose blue channel encodes the class. Two Keras models with hand-set weights:
+
+* ``background_model`` reads the mean red/green colour (global average pooling): it predicts
+  purely from the background;
+* ``object_model`` reads the maximum blue value (global max pooling): it predicts purely from
+  the object, and answers the extra output 3 ("nothing") when there is no object.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from biasscope.counterfactuals import fill_background, paste_objects, run_counterfactuals  # noqa: E402
+from biasscope.data import load_dataset  # noqa: E402
+
+S = 16
+BG = {0: (200, 0), 1: (0, 200), 2: (200, 200)}       # red, green per class
+OBJ_BLUE = {0: 50, 1: 150, 2: 250}                   # blue of the object per class
+RUN = dict(image_size=(S, S), channels=3, batch_size=8, n_boot=200, progress=False)
+
+
+def make_data(n_per_class=10, seed=0, empty_masks=0):
+    rng = np.random.default_rng(seed)
+    images, labels, masks = [], [], []
+    for k in range(3):
+        for _ in range(n_per_class):
+            img = np.zeros((S, S, 3), np.uint8)
+            img[..., 0], img[..., 1] = BG[k]
+            y, x = rng.integers(1, S - 5, 2)
+            m = np.zeros((S, S), bool)
+            m[y:y + 4, x:x + 4] = True
+            img[m] = (0, 0, OBJ_BLUE[k])
+            images.append(img), labels.append(k), masks.append(m)
+    masks = np.stack(masks)
+    masks[:empty_masks] = False  # rows "without a mask"
+    return np.stack(images), np.array(labels), masks
+
+
+def _dense_model(pool, kernel, bias):
+    inp = keras.Input((S, S, 3))
+    x = pool()(inp)
+    out = keras.layers.Dense(4, name="head")(x)
+    model = keras.Model(inp, out)
+    model.get_layer("head").set_weights([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def background_model():
+    # logits from the mean (R, G): class 0 = R - G, class 1 = G - R, class 2 = R + G - 250;
+    # output 3 never wins. Objects (R = G = 0, ~6% of the image) do not change the argmax.
+    kernel = [[1, -1, 1, 0], [-1, 1, 1, 0], [0, 0, 0, 0]]
+    return _dense_model(keras.layers.GlobalAveragePooling2D, kernel, [0, 0, -250, -1000])
+
+
+@pytest.fixture(scope="module")
+def object_model():
+    # logits from v = max blue: upper envelope of 0, v-25, 2v-125, 3v-325 gives
+    # v < 25 -> 3 ("nothing"), 25..100 -> 0, 100..200 -> 1, > 200 -> 2
+    kernel = [[0, 0, 0, 0], [0, 0, 0, 0], [1, 2, 3, 0]]
+    return _dense_model(keras.layers.GlobalMaxPooling2D, kernel, [-25, -125, -325, 0])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(make_data(), n_outputs=4)
+
+
+@pytest.fixture(scope="module")
+def bg_result(background_model, data):
+    return run_counterfactuals(background_model, data, seed=0, **RUN)
+
+
+@pytest.fixture(scope="module")
+def obj_result(object_model, data):
+    return run_counterfactuals(object_model, data, seed=0, **RUN)
+
+
+# --- the images ---------------------------------------------------------------------------------
+
+
+def test_only_bg_removes_the_object_and_takes_the_surrounding_colour():
+    images, _, masks = make_data(n_per_class=2)
+    out = fill_background(images.astype(np.float32), masks, dilate=2).numpy()
+    assert out.shape == images.shape
+    assert np.all(out[..., 2] < 1e-3)  # no blue (object) pixel survives
+    flat = images.astype(np.float32).copy()
+    flat[masks] = out[masks]
+    for i in range(len(images)):
+        bg = images[i][~masks[i]][0].astype(np.float32)
+        np.testing.assert_allclose(out[i][masks[i]], np.broadcast_to(bg, out[i][masks[i]].shape), atol=0.5)
+    # outside the dilated mask the image is untouched
+    far = ~tf.nn.max_pool2d(masks[..., None].astype(np.float32), 5, 1, "SAME").numpy()[..., 0].astype(bool)
+    np.testing.assert_array_equal(out[far], images.astype(np.float32)[far])
+
+
+def test_only_bg_fill_follows_a_gradient_and_keeps_texture():
+    # background: a horizontal ramp plus fine noise; the hole must take the local level
+    rng = np.random.default_rng(1)
+    ramp = np.tile(np.linspace(0, 240, 32, dtype=np.float32), (32, 1))
+    img = np.repeat((ramp + rng.normal(0, 4, (32, 32)))[None, ..., None], 3, axis=-1).astype(np.float32)
+    mask = np.zeros((1, 32, 32), bool)
+    mask[0, 10:20, 12:18] = True
+    img[0][mask[0]] = 255.0
+    out = fill_background(img, mask, dilate=1).numpy()[0]
+    inside = out[10:20, 12:18, 0]
+    np.testing.assert_allclose(inside.mean(axis=0), ramp[0, 12:18], atol=15)
+    assert inside.std(axis=0).mean() > 1.0  # texture, not a flat ghost of the object's outline
+
+
+def test_a_fully_masked_image_is_filled_with_grey():
+    img = np.full((1, 8, 8, 3), 30.0, np.float32)
+    out = fill_background(img, np.ones((1, 8, 8), bool)).numpy()
+    np.testing.assert_allclose(out, 127.5)
+
+
+def test_mixed_rand_pastes_exactly_the_mask_pixels():
+    images, _, masks = make_data(n_per_class=2)
+    rng = np.random.default_rng(0)
+    backgrounds = rng.uniform(0, 255, images.shape).astype(np.float32)
+    source = rng.permutation(len(images)).astype(np.int32)
+    out = paste_objects(images.astype(np.float32), masks, backgrounds, source).numpy()
+    for i in range(len(images)):
+        np.testing.assert_array_equal(out[i][masks[i]], images[i][masks[i]])
+        np.testing.assert_array_equal(out[i][~masks[i]], backgrounds[source[i]][~masks[i]])
+
+
+# --- the tests on known models ------------------------------------------------------------------
+
+
+def test_a_background_model_shows_a_large_gap_and_predicts_from_backgrounds(bg_result):
+    assert bg_result["n_with_mask"] == 30 and bg_result["n_images"] == 30
+    for c, f in bg_result["classes"].items():
+        assert f["n"] == 10 and f["n_mixed"] == 10 and f["chance"] == pytest.approx(0.25)
+        assert f["orig_acc"] == 1.0 and f["mixed_rand_acc"] == 0.0
+        assert f["bg_gap"] == pytest.approx(1.0) and f["bg_gap_ci"][0] > 0.5
+        assert f["only_bg_rate"] == 1.0 and f["only_bg_ci"][0] > f["chance"]
+        assert f["only_bg_base"] == 0.0 and f["only_bg_excess_ci"][0] > 0.5
+        assert f["transplant_rate"] == 1.0 and f["n_transplant"] > 0
+        assert f["flip_rate"] == 1.0
+
+
+def test_an_object_model_shows_no_gap_and_nothing_on_backgrounds(obj_result):
+    for c, f in obj_result["classes"].items():
+        assert f["orig_acc"] == 1.0 and f["mixed_rand_acc"] == 1.0
+        assert f["bg_gap"] == 0.0 and f["bg_gap_ci"] == [0.0, 0.0]
+        assert f["only_bg_rate"] == 0.0 <= f["chance"]
+        assert f["transplant_rate"] == 0.0 and f["flip_rate"] == 0.0
+    pi = obj_result["per_image"]
+    assert set(pi["only_bg_pred"]) == {3}  # "nothing": the object is gone
+    np.testing.assert_array_equal(pi["mixed_pred"], pi["label_idx"])
+
+
+def test_pairing_takes_backgrounds_from_other_classes(bg_result):
+    pi = bg_result["per_image"]
+    label = np.asarray(pi["label_idx"])
+    src = np.asarray(pi["bg_source_index_all"])
+    assert src.shape == (30, 4) and (src >= 0).all()
+    assert (label[src] != label[:, None]).all()  # rows are in dataset order (index = arange)
+    assert pi["index"] == list(range(30))
+    # the background's class is what a background model answers
+    np.testing.assert_array_equal(np.asarray(pi["mixed_pred_all"]), label[src])
+
+
+def test_result_is_json_and_deterministic_in_the_seed(background_model, data, bg_result):
+    json.dumps(bg_result, allow_nan=False)
+    again = run_counterfactuals(background_model, data, seed=0, **RUN)
+    other = run_counterfactuals(background_model, data, seed=1, **RUN)
+    for key in ("classes", "per_image", "method"):
+        assert again[key] == bg_result[key]
+    assert other["per_image"]["bg_source_index_all"] != bg_result["per_image"]["bg_source_index_all"]
+
+
+def test_rows_without_masks_are_skipped_and_counted(object_model):
+    ds = load_dataset(make_data(empty_masks=4), n_outputs=4)
+    r = run_counterfactuals(object_model, ds, draws=1, pairing="class", **RUN)
+    assert r["method"]["pairing"] == "class" and set(r["per_image"]["pair_tier"]) == {2}
+    assert r["n_with_mask"] == 26 and r["n_skipped"]["no_mask"] == 4
+    assert r["classes"]["0"]["n"] == 6
+    assert 0 not in r["per_image"]["index"]
+    assert np.asarray(r["per_image"]["mixed_pred_all"]).shape == (26, 1)
+
+
+def test_no_masks_returns_skipped(object_model):
+    images, labels, _ = make_data(n_per_class=2)
+    ds = load_dataset((images, labels), n_outputs=4)
+    assert run_counterfactuals(object_model, ds, **RUN) == {"skipped": "no masks"}
+
+
+def test_bad_arguments_raise(object_model, data):
+    from biasscope.errors import BiasscopeError
+
+    with pytest.raises(BiasscopeError, match="pairing"):
+        run_counterfactuals(object_model, data, pairing="nearest", **RUN)
+    with pytest.raises(BiasscopeError, match="draws"):
+        run_counterfactuals(object_model, data, draws=0, **RUN)
+
+
+def test_runs_on_image_files_with_mask_files(image_set):
+    from conftest import make_cnn
+
+    ds = load_dataset(image_set, n_outputs=3)
+    r = run_counterfactuals(make_cnn(), ds, image_size=(32, 32), channels=3, batch_size=4,
+                            n_boot=50, progress=False)
+    assert r["n_with_mask"] == len(ds) == 18
+    assert r["method"]["batch_size"] == 8  # at least 8: the pool backgrounds come from
+    assert set(r["classes"]) == {"circle", "square", "stripe"}
+    assert all(f["n"] == 6 for f in r["classes"].values())
+    assert r["per_image"]["path"][0].startswith("images/")
