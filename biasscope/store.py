@@ -184,9 +184,11 @@ class Scan:
     def accuracy(self) -> float:
         return float(self.table["correct"].mean()) if len(self.table) else float("nan")
 
-    def write_report(self, path=None):
-        """Render the interactive HTML report (not built yet: see the project's issue list)."""
-        raise BiasscopeError("the HTML report is not implemented yet in this version of biasscope")
+    def write_report(self, path=None) -> Path:
+        """Render the interactive HTML report (default ``SCAN_DIR/report.html``); returns its path."""
+        from .report import write_report
+
+        return write_report(self, path)
 
     def __repr__(self) -> str:
         return (f"Scan({str(self.path)!r}, n={len(self.table)}, layer={self.meta.get('layer')!r}, "
