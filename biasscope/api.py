@@ -126,7 +126,8 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
          batch_size: int = 16, image_size=None, preprocess="none", class_map=None,
          limit: int | None = None, resume: bool = True, overwrite: bool = False,
          unsafe_model: bool = False, seed: int = 0, chunk_size: int | None = None,
-         progress=True) -> Scan:
+         counterfactuals: bool | None = None, fail_on=(), analysis: bool = True,
+         report: bool = True, detector_options: dict | None = None, progress=True) -> Scan:
     """Run Grad-CAM over a labelled image set and store the result in ``out``.
 
     Parameters
@@ -143,6 +144,17 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     preprocess : str or callable
         ``none``, ``scale01``, a ``keras.applications`` module name, or a callable on a float32
         batch in 0..255.
+    counterfactuals : bool, optional
+        Run the background-swap tests (default: when any image has a mask).
+    fail_on : sequence of str
+        Gate expressions (``spurious_background``, ``severity>=0.7``, ``worst_group_acc<0.8``);
+        their results are in ``summary["gates"]``.
+    report : bool
+        Write ``report.html`` into ``out`` after the analysis (default).
+    analysis : bool
+        Run the analysis (clusters, projection, findings) after the Grad-CAM pass (default).
+        A finished scan in ``out`` is not recomputed; its analysis is redone with the current
+        options.
 
     Returns
     -------
@@ -151,8 +163,11 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     from .metrics import attention_metrics
     from .model import choose_layer, find_layer, model_fingerprint, output_head
 
+    from .summary import validate_gates
+
     rep = as_reporter(progress)
     t0 = time.perf_counter()
+    validate_gates(list(fail_on or ()))  # a typo in a gate fails now, not after the scan
     if batch_size < 1:
         raise BiasscopeError(f"--batch-size must be >= 1, got {batch_size}")
     kmodel, model_path = _load_model(model, unsafe_model)
@@ -168,16 +183,19 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         getattr(preprocess, "__qualname__", "callable")
     options = {"layer": target.path, "method": method, "image_size": [H, W], "channels": C,
                "preprocess": pre_name, "class_index": ds.class_index, "batch_size": batch_size,
-               "chunk_size": chunk_size, "limit": limit, "seed": seed}
+               "chunk_size": chunk_size, "limit": limit}  # what the Grad-CAM pass depends on
     model_sha = model_fingerprint(kmodel, model_path)
     fp, fp_parts = _fingerprint(model_sha, ds, options)
 
     out = Path(tempfile.mkdtemp(prefix="biasscope-")) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     old = _prepare_out(out, fp, fp_parts, resume=resume, overwrite=overwrite)
+    post = dict(model=kmodel, ds=ds, geometry=(H, W, C), batch_size=batch_size, preprocess=preprocess,
+                seed=seed, counterfactuals=counterfactuals, fail_on=fail_on,
+                detector_options=detector_options, report=report, rep=rep)
     if old is not None and old.get("status") == "complete":
-        rep.note(f"[green]{out}[/] already holds this finished scan; nothing to recompute")
-        return load(out)
+        rep.note(f"[green]{out}[/] already holds this Grad-CAM pass; redoing only the analysis")
+        return _analyse_scan(load(out), **post) if analysis else load(out)
 
     meta = {
         "schema_version": SCHEMA_VERSION, "status": "running", "fingerprint": fp,
@@ -186,8 +204,9 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
                   "name": kmodel.name, "head": head.kind, "n_outputs": head.n_outputs},
         "layer": target.path, "layer_shape": list(target.shape), "method": method,
         "classes": ds.classes, "class_index": ds.class_index,
-        "data_root": str(ds.root), "n_images": len(ds), "attributes": ds.attributes,
-        "options": options, "versions": _versions(),
+        "data_root": str(ds.root), "masks": str(Path(masks).resolve()) if masks is not None else None,
+        "n_images": len(ds), "attributes": ds.attributes,
+        "options": {**options, "seed": seed}, "versions": _versions(),
     }
     write_json(out / "meta.json", meta)
 
@@ -298,7 +317,64 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
                     "resumed_at": start, "traces": engine.concrete_functions, **stage},
     })
     write_json(out / "meta.json", meta)
-    return load(out)
+    return _analyse_scan(load(out), **post) if analysis else load(out)
+
+
+def _raw_heatmaps(heat, peaks) -> np.ndarray:
+    """Undo the unit-peak storage: CAMs at their own scale (float32)."""
+    return np.asarray(heat, np.float32) * np.asarray(peaks, np.float32)[:, None, None]
+
+
+def _analyse_scan(result: Scan, *, model, ds, geometry, batch_size, preprocess, seed,
+                  counterfactuals, fail_on, detector_options, report, rep) -> Scan:
+    """Clusters, projection, counterfactual tests and findings; rewrites the scan's table and
+    writes analysis.json, findings.json and summary.json."""
+    from .analysis import analyse, fill_columns
+    from .findings import Context, run_detectors
+    from .summary import evaluate_gates, summarise
+
+    out, table, timings = result.path, result.table, {}
+    t = time.perf_counter()
+    with rep.task("analysis: clusters and 2-D map", total=None, unit="step"):
+        columns, info = analyse(table, result.heatmaps, seed=seed, classes=ds.classes,
+                                attributes=ds.attributes)
+    table = fill_columns(table, columns)
+    timings["analysis_s"] = time.perf_counter() - t
+
+    has_masks = bool(table["inside_frac"].notna().any())
+    cf = None
+    if counterfactuals or (counterfactuals is None and has_masks):
+        from .counterfactuals import run_counterfactuals
+
+        t = time.perf_counter()
+        H, W, C = geometry
+        cf = run_counterfactuals(model, ds, image_size=(H, W), channels=C, batch_size=batch_size,
+                                 preprocess=preprocess, seed=seed, progress=rep)
+        timings["counterfactuals_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ctx = Context(table=table, heatmaps=_raw_heatmaps(result.heatmaps, table["cam_max"]),
+                  heatmaps_true=_raw_heatmaps(result.heatmaps_true, table["cam_true_max"]),
+                  analysis=info, classes=ds.classes, class_index=ds.class_index,
+                  attributes=ds.attributes, options=dict(detector_options or {}), counterfactuals=cf)
+    findings, status, flags = run_detectors(ctx)
+    table["flags"] = flags
+    timings["findings_s"] = time.perf_counter() - t
+    info["detectors"] = status
+    info["counterfactuals"] = cf if cf is not None else {"skipped": "not run" if has_masks else "no masks"}
+    info["timings"] = timings
+    found = [f.to_dict() for f in findings]
+    summary = summarise(table, found, info)
+    summary["gates"] = evaluate_gates(list(fail_on or ()), summary, found)
+    summary["gate_tripped"] = any(g["tripped"] for g in summary["gates"])
+    write_table(out, table)
+    write_json(out / "analysis.json", info)
+    write_json(out / "findings.json", found)
+    write_json(out / "summary.json", summary)
+    result = load(out)
+    if report:
+        with rep.task("writing the report", total=None, unit="step"):
+            result.write_report()
+    return result
 
 
 def _unit_peak(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,10 +10,11 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import BiasscopeError
@@ -58,22 +59,59 @@ def scan(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted scan in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a scan of another model/dataset in --out."),
     unsafe_model: bool = UnsafeOpt,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seeds clustering, projection and the counterfactual pairing."),
+    counterfactuals: Optional[bool] = typer.Option(None, "--counterfactuals/--no-counterfactuals",
+                                                   help="Background-swap tests (default: on when masks exist).", show_default=False),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html."),
+    fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", help="Exit 1 when this gate trips: a finding kind, severity>=X, or a summary figure like worst_group_acc<0.8. Repeatable.", show_default=False),
 ) -> None:
-    """Run Grad-CAM over DATA with MODEL and store predictions, heatmaps and attention metrics."""
+    """Run Grad-CAM over DATA with MODEL, analyse the heatmaps and report findings."""
     from .api import scan as run_scan
 
     try:
         result = run_scan(model, data, masks=masks, out=out, layer=layer, method=method.value,
                           batch_size=batch_size, image_size=image_size, preprocess=preprocess,
                           class_map=class_map, limit=limit, resume=resume, overwrite=overwrite,
-                          unsafe_model=unsafe_model, seed=seed)
+                          unsafe_model=unsafe_model, seed=seed, counterfactuals=counterfactuals,
+                          fail_on=fail_on or (), report=report)
     except BiasscopeError as exc:
         _fail(exc)
     _print_summary(result)
+    _print_findings(result)
+    _exit_on_gates(result)
 
 
-def _print_summary(result) -> None:
+def _print_findings(result, top: int = 10) -> None:
+    findings = result.findings
+    if not findings:
+        out_console.print("no findings", highlight=False)
+        return
+    table = Table(title=f"top findings ({min(top, len(findings))} of {len(findings)}, by severity)",
+                  title_justify="left")
+    table.add_column("severity", justify="right")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("finding", overflow="fold")
+    for f in findings[:top]:
+        sev = float(f["severity"])
+        colour = "red" if sev >= 0.7 else ("yellow" if sev >= 0.4 else "green")
+        where = f" (cluster {f['cluster']})" if f.get("cluster") is not None else ""
+        table.add_row(f"[{colour}]{sev:.2f}[/]", f["kind"], escape(f["title"] + where))
+    out_console.print(table)
+    skipped = {k: v["reason"] for k, v in result.analysis.get("detectors", {}).items() if v["status"] == "skipped"}
+    for name, reason in skipped.items():
+        out_console.print(f"[dim]{name} not run: {escape(str(reason))}[/]")
+
+
+def _exit_on_gates(result) -> None:
+    gates = result.summary.get("gates", [])
+    for g in gates:
+        mark = "[red]TRIPPED[/]" if g["tripped"] else "[green]ok[/]"
+        out_console.print(f"gate {escape(g['expr'])}: {mark} ({escape(g['detail'])})", highlight=False)
+    if any(g["tripped"] for g in gates):
+        raise typer.Exit(1)
+
+
+def _print_summary(result, report_line: bool = True) -> None:
     t = result.table
     meta = result.meta
     table = Table(title="biasscope scan", show_header=False, title_justify="left")
@@ -89,6 +127,25 @@ def _print_summary(result) -> None:
         table.add_row("speed", f"{rate:,.1f} images/s")
     out_console.print(table)
     out_console.print(f"result: {result.path}", soft_wrap=True, highlight=False)
+    if report_line and (result.path / "report.html").is_file():
+        out_console.print(f"report: {result.path / 'report.html'}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def report(
+    scan_dir: Path = typer.Argument(..., help="A finished scan directory (biasscope scan --out).",
+                                    exists=True, file_okay=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: SCAN_DIR/report.html).",
+                                       dir_okay=False, show_default=False),
+) -> None:
+    """Re-render the interactive HTML report from a stored scan (no TensorFlow work)."""
+    from .report import write_report
+
+    try:
+        path = write_report(scan_dir, out)
+    except BiasscopeError as exc:
+        _fail(exc)
+    out_console.print(f"report: {path}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -105,7 +162,7 @@ def demo(
     except BiasscopeError as exc:
         _fail(exc)
     ev = res["truth_eval"]
-    _print_summary(res["scan"])
+    _print_summary(res["scan"], report_line=False)
     table = Table(title="the demo model against the benchmark's ground truth", show_header=False,
                   title_justify="left")
     table.add_column(style="bold")
@@ -119,9 +176,11 @@ def demo(
     by_class = res["scan"].table.groupby("label")["inside_frac"].mean()
     table.add_row("mean inside_frac by class", ", ".join(f"{c} {v:.2f}" for c, v in by_class.items()))
     out_console.print(table)
-    out_console.print("Findings (clusters, label issues, spurious backgrounds) and the HTML report are not "
-                      "built yet in this version: the demo ends after the scan.", highlight=False)
+    _print_findings(res["scan"])
     out_console.print(f"data: {res['data']}\nscan: {res['scan'].path}", soft_wrap=True, highlight=False)
+    report_path = res["scan"].path / "report.html"
+    if report_path.is_file():
+        out_console.print(f"[bold]open the report:[/] {report_path}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -148,7 +207,7 @@ def layers(model: Path = ModelArg, unsafe_model: bool = UnsafeOpt) -> None:
 def bench(
     model: Optional[Path] = typer.Argument(None, help="A model file; or use --arch.", exists=True),
     arch: Optional[str] = typer.Option(None, "--arch", help="A keras.applications architecture, built with weights=None."),
-    n: int = typer.Option(256, "--n", min=1, help="Number of images."),
+    n: int = typer.Option(512, "--n", min=1, help="Number of images."),
     batch_size: int = BatchOpt,
     image_size: Tuple[int, int] = typer.Option((224, 224), "--image-size", help="H W (for --arch)."),
     recipe_sample: int = typer.Option(8, "--recipe-sample", min=0, help="Images timed with the per-image recipe (0: skip)."),

@@ -116,7 +116,8 @@ def _as_mask(masks) -> np.ndarray:
             f"masks must have shape (n, H, W) (3 dimensions), got masks of shape {_shape(m)}"
         )
     if m.dtype == bool:
-        return m
+        # a bool array built from raw bytes may hold 255 for True: normalise
+        return m.view(np.uint8) != 0
     if m.dtype.kind not in "biuf":
         raise BiasscopeError(f"masks must be boolean or 0/1, got dtype {m.dtype}")
     if m.size and np.any((m != 0) & (m != 1)):

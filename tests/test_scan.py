@@ -163,3 +163,31 @@ def test_in_memory_arrays(tmp_path):
     assert named.meta["classes"] == ["a", "b", "c"] and named.table["inside_frac"].isna().all()
     with pytest.raises(BiasscopeError, match="labels must have shape \\(10,\\)"):
         biasscope.scan(make_cnn(), (images, labels[:3]), out=tmp_path / "q", progress=False)
+
+
+def test_analysis_outputs_are_stored_and_gates_evaluated(image_set, cnn_path, tmp_path):
+    out = tmp_path / "o"
+    s = biasscope.scan(cnn_path, image_set, out=out, batch_size=4, counterfactuals=False,
+                       fail_on=["misclassified", "accuracy<0.0"], progress=False)
+    for name in ("analysis.json", "findings.json", "summary.json"):
+        assert (out / name).is_file()
+    assert s.table["cluster"].notna().any() and np.isfinite(s.table["embed_x"]).all()
+    kinds = {f["kind"] for f in s.findings}
+    assert ("misclassified" in kinds) == (not s.table["correct"].all())
+    flagged = s.table["flags"].map(lambda f: "misclassified" in list(f))
+    np.testing.assert_array_equal(flagged.to_numpy(), ~s.table["correct"].to_numpy())
+    gates = {g["expr"]: g["tripped"] for g in s.summary["gates"]}
+    assert gates == {"misclassified": "misclassified" in kinds, "accuracy<0.0": False}
+    assert s.summary["accuracy"] == pytest.approx(s.table["correct"].mean())
+    with pytest.raises(BiasscopeError, match="--fail-on 'acuracy<0.5'"):
+        biasscope.scan(cnn_path, image_set, out=out, fail_on=["acuracy<0.5"], progress=False)
+
+
+def test_finished_scan_redoes_only_the_analysis(image_set, cnn_path, tmp_path):
+    out = tmp_path / "o"
+    biasscope.scan(cnn_path, image_set, out=out, batch_size=4, counterfactuals=False, progress=False)
+    heat_before = (out / "heatmaps.npy").stat().st_mtime_ns
+    s = biasscope.scan(cnn_path, image_set, out=out, batch_size=4, counterfactuals=False, seed=3,
+                       progress=False)
+    assert (out / "heatmaps.npy").stat().st_mtime_ns == heat_before
+    assert s.analysis["params"]["seed"] == 3

@@ -1,0 +1,124 @@
+"""End to end on the built-in benchmark (default size): the planted flaws must be found.
+
+Builds the biased benchmark (``zero``, ``one``, ``two`` shown on "their" background 95% of the
+time in train, ``three`` the control) and the unbiased control (``bias=0``), trains the demo CNN
+on each (about a minute apiece on 2 CPU cores), and checks the counterfactual tests and the
+findings of a full scan against ``truth.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+keras = pytest.importorskip("keras")
+
+import biasscope  # noqa: E402
+from biasscope.benchmark import build_benchmark, train_demo_model  # noqa: E402
+from biasscope.counterfactuals import run_counterfactuals  # noqa: E402
+from biasscope.data import load_dataset  # noqa: E402
+
+
+def _trained(tmp_path_factory, name, **build):
+    root = build_benchmark(tmp_path_factory.mktemp("benchmark") / name, size="default", **build)
+    return root, train_demo_model(root), json.loads((root / "truth.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def biased(tmp_path_factory):
+    return _trained(tmp_path_factory, "biased")
+
+
+@pytest.fixture(scope="session")
+def unbiased(tmp_path_factory):
+    return _trained(tmp_path_factory, "unbiased", bias=0)
+
+
+@pytest.fixture(scope="session")
+def biased_scan(biased, tmp_path_factory):
+    root, model_path, _ = biased
+    return biasscope.scan(model_path, root / "val", out=tmp_path_factory.mktemp("scan_biased"),
+                          progress=False)
+
+
+@pytest.fixture(scope="session")
+def unbiased_scan(unbiased, tmp_path_factory):
+    root, model_path, _ = unbiased
+    return biasscope.scan(model_path, root / "val", out=tmp_path_factory.mktemp("scan_unbiased"),
+                          progress=False)
+
+
+def _by_kind(findings, kind):
+    return {f["class"]: f for f in findings if f["kind"] == kind}
+
+
+def _figures(cf):
+    return {c: {k: f[k] for k in ("bg_gap", "bg_gap_ci", "only_bg_rate", "transplant_rate", "flip_rate")}
+            for c, f in cf["classes"].items()}
+
+
+def test_counterfactuals_find_the_planted_background_shortcuts(biased):
+    root, model_path, truth = biased
+    model = keras.models.load_model(model_path, compile=False)
+    ds = load_dataset(root / "val", n_outputs=len(truth["classes"]))
+    t0 = time.perf_counter()
+    cf = run_counterfactuals(model, ds, image_size=(truth["canvas"],) * 2, channels=3,
+                             batch_size=16, progress=False)
+    elapsed = time.perf_counter() - t0
+    print(f"\nrun_counterfactuals on {cf['n_with_mask']} images: {elapsed:.1f} s")
+    print(json.dumps(_figures(cf), indent=1))
+    assert cf["n_with_mask"] == len(ds) == 800
+    for c in truth["biased_classes"]:
+        f = cf["classes"][c]
+        assert f["bg_gap_ci"][0] > 0, (c, f)
+    for c in truth["control_classes"]:
+        f = cf["classes"][c]
+        assert f["bg_gap"] <= 0.15, (c, f)
+
+
+def test_the_scan_reports_the_shortcut_classes_and_not_the_control(biased_scan, biased):
+    truth = biased[2]
+    spurious = _by_kind(biased_scan.findings, "spurious_background")
+    reliance = _by_kind(biased_scan.findings, "background_reliance")
+    summary = {c: (round(spurious[c]["severity"], 3) if c in spurious else None,
+                   round(reliance[c]["severity"], 3) if c in reliance else None)
+               for c in truth["classes"]}
+    print("\n(spurious_background, background_reliance) severity per class:", summary)
+    for c in truth["biased_classes"]:
+        assert c in spurious, (c, summary)
+        assert c in reliance, (c, summary)
+    for c in truth["control_classes"]:
+        assert c not in spurious, (c, spurious[c])
+    cf = biased_scan.analysis["counterfactuals"]
+    assert set(cf["classes"]) == set(truth["classes"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "label_issue over-flags on the biased model: measured precision 0.15 (26 of 173 flagged "
+    "images are planted flips), recall 0.81 (26 of 32); the biased model's many confident "
+    "shortcut errors look like label errors to confident learning. Left to the label_issue "
+    "owner; the assertion is the one asked for."))
+def test_label_issues_recover_the_flipped_labels(biased_scan, biased):
+    truth = biased[2]
+    flipped = {f["path"] for f in truth["flipped"]}
+    t = biased_scan.table
+    flagged = set(t["path"][np.array(["label_issue" in f for f in t["flags"]])])
+    hit = len(flagged & flipped)
+    precision, recall = hit / max(len(flagged), 1), hit / len(flipped)
+    print(f"\nlabel_issue: {len(flagged)} flagged, {len(flipped)} flipped, precision "
+          f"{precision:.3f}, recall {recall:.3f}")
+    assert precision >= 0.7 and recall >= 0.7, (precision, recall, len(flagged), len(flipped))
+
+
+def test_the_unbiased_model_has_no_strong_background_finding(unbiased_scan):
+    strong = [(f["kind"], f["class"], round(f["severity"], 3)) for f in unbiased_scan.findings
+              if f["kind"] in ("spurious_background", "background_reliance") and f["severity"] >= 0.5]
+    print("\nunbiased model, background findings:",
+          [(f["kind"], f["class"], round(f["severity"], 3)) for f in unbiased_scan.findings
+           if f["kind"] in ("spurious_background", "background_reliance")])
+    assert strong == []
