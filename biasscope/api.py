@@ -238,10 +238,12 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         t = time.perf_counter()
         idx = batch["index"].numpy()
         valid = idx >= 0
-        att = attention_metrics(res["cam_pred"][valid], batch["mask"].numpy()[valid],
-                                mask_valid=batch["has_mask"].numpy()[valid])
+        masks_b, has_mask = batch["mask"].numpy()[valid], batch["has_mask"].numpy()[valid]
+        att = attention_metrics(res["cam_pred"][valid], masks_b, mask_valid=has_mask)
         _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
         pred = res["pred_idx"][valid].astype(np.int32)
+        att.update(_label_attention(res["cam_true"][valid], masks_b, has_mask,
+                                    pred != label_idx_all[idx[valid]], att))
         cols = {
             "index": idx[valid], "pred_idx": pred,
             "correct": pred == label_idx_all[idx[valid]],
@@ -375,6 +377,22 @@ def _analyse_scan(result: Scan, *, model, ds, geometry, batch_size, preprocess, 
         with rep.task("writing the report", total=None, unit="step"):
             result.write_report()
     return result
+
+
+def _label_attention(cam_true, masks, has_mask, wrong, att) -> dict:
+    """inside_frac and lift of the labelled class's CAM (evidence for label issues).
+
+    Where the prediction is right the two CAMs are the same, so only wrong rows are computed.
+    """
+    from .metrics import inside_frac, lift, upsample_bilinear
+
+    out = {"inside_frac_true": att["inside_frac"].copy(), "lift_true": att["lift"].copy()}
+    rows = np.flatnonzero(wrong & has_mask)
+    if len(rows):
+        h = upsample_bilinear(cam_true[rows], masks.shape[1:])
+        out["inside_frac_true"][rows] = inside_frac(h, masks[rows])
+        out["lift_true"][rows] = lift(h, masks[rows])
+    return out
 
 
 def _unit_peak(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -70,6 +70,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "group_min_n": 10,
     "group_min_gap": 0.1,
     "alpha": 0.05,
+    # label_issue: a candidate is kept only when the labelled class's CAM has a lift on the
+    # object below this (1 = chance level); images without a mask are not gated.
+    "label_max_lift": 1.0,
     # label_issue: the labelled class's CAM is "weak" below this share of the predicted one's.
     "label_cam_weak": 0.25,
     # background_reliance and the counterfactual backing of spurious_background: a BG-gap

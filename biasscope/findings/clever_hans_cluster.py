@@ -8,15 +8,19 @@ class size)``) is flagged when its attention is
   least ``cluster_inside_gap`` below the rest of its class; or
 * **at a fixed location**: half of its mean heatmap lies in at most ``cluster_hot_area`` of the
   image and its members' own centres of mass agree to within ``cluster_jitter`` (RMS, image
-  units) -- one spot, not a region where objects happen to lie -- while the rest of its class
-  puts at most ``cluster_rest_mass`` of its attention there -- so the spot is not simply where
-  this class's objects usually are -- and, where masks exist, that spot is not on the object.
+  units) -- one spot, not a region where objects happen to lie -- and that spot is not on the
+  object: with masks, the cluster's mean ``inside_frac`` is below ``off_object_inside`` (then the
+  whole class may share the spot, e.g. a watermark every image of the class carries); without
+  masks, the rest of its class puts at most ``cluster_rest_mass`` of its attention there, so the
+  spot is not simply where this class's objects usually are.
 
-A class that is a single cluster is left to ``spurious_background``: with no rest of the class to
-compare with, a concentrated cluster is just as likely a dataset of centred objects.
+Without masks, a class that is a single cluster is left to ``spurious_background``: with no rest
+of the class to compare with, a concentrated cluster is just as likely a dataset of centred
+objects.
 
 Severity = evidence strength x size weight: strength ``min(1, gap / 0.4)`` (off object) or
-``min(1, (0.5 - rest_mass) / 0.5)`` (fixed spot; 0.5 is the mass the cluster itself has there),
+``min(1, (0.5 - rest_mass) / 0.5)`` (fixed spot; 0.5 is the mass the cluster itself has there)
+or, with masks, ``(off_object_inside - inside_frac) / off_object_inside``,
 the larger of the two; the weight ``0.5 + 0.5 * min(1, share / 0.25)`` grows with the share of
 the class the cluster holds (full weight from a quarter).
 """
@@ -50,11 +54,11 @@ class CleverHansCluster(Detector):
             c, size = cl["class"], int(cl["size"])
             share = size / class_n[c]
             min_size = max(int(o["cluster_min_size"]), o["cluster_min_share"] * class_n[c])
-            if n_clusters[c] < 2 or size < min_size:
-                continue
-            strength, reasons = 0.0, []
             m_if, rest_if = cl.get("mean_inside_frac"), cl.get("rest_mean_inside_frac")
             has_masks = (cl.get("n_with_mask") or 0) >= 3 and m_if is not None
+            if (n_clusters[c] < 2 and not has_masks) or size < min_size:
+                continue
+            strength, reasons = 0.0, []
             if has_masks and rest_if is not None and m_if < o["off_object_inside"] \
                     and rest_if - m_if >= o["cluster_inside_gap"]:
                 strength = max(strength, min(1.0, (rest_if - m_if) / 0.4))
@@ -62,10 +66,15 @@ class CleverHansCluster(Detector):
             hot, rest_mass = cl.get("hot_area"), cl.get("rest_mass_in_hot")
             jitter = cl.get("centroid_jitter")
             on_object = has_masks and m_if >= o["off_object_inside"]
-            if None not in (hot, rest_mass, jitter) and hot <= o["cluster_hot_area"] \
-                    and jitter <= o["cluster_jitter"] and rest_mass <= o["cluster_rest_mass"] \
-                    and not on_object:
+            one_spot = None not in (hot, rest_mass, jitter) and hot <= o["cluster_hot_area"] \
+                and jitter <= o["cluster_jitter"] and not on_object
+            if one_spot and rest_mass <= o["cluster_rest_mass"]:
                 strength = max(strength, min(1.0, (0.5 - rest_mass) / 0.5))
+                reasons.append("fixed_location")
+            elif one_spot and has_masks:
+                # the masks show the spot is off the object, so it does not matter that the
+                # rest of the class looks there too: the whole class may use the shortcut
+                strength = max(strength, (o["off_object_inside"] - m_if) / o["off_object_inside"])
                 reasons.append("fixed_location")
             if not reasons:
                 continue

@@ -15,6 +15,12 @@ the mass missing from the top 5 is spread evenly over the dataset classes outsid
 upper bound for each of them, and far below any threshold ``t_j`` of a class the model can
 recognise, so it rarely creates an issue.
 
+Attention as a gate (images with a mask): a confident-learning candidate is kept only when the
+Grad-CAM of the *labelled* class is no better than chance on the object (``lift_true`` below
+``label_max_lift`` = 1). A true label leaves its evidence on the object even when the model is
+fooled by the background; a wrong label does not. On the built-in benchmark's biased model this
+raised precision from 0.15 to about 0.7 at the cost of a few points of recall.
+
 Attention as extra evidence: the Grad-CAM of the *labelled* class (``heatmaps_true``) against
 that of the predicted class; a labelled-class CAM with under a quarter of the predicted one's
 mass (``label_cam_weak``) means the model finds little of the labelled class anywhere in the
@@ -109,6 +115,17 @@ class LabelIssue(Detector):
         lab = np.array([pos.get(c, -1) for c in label])
         issue, suggested, t = confident_learning(P, lab)
         issue &= ~ctx.correct  # cleanlab: never an issue when the model agrees with the label
+        # Attention gate (where the image has a mask): a wrong label leaves the labelled class
+        # without evidence on the object, while a shortcut mistake (an object of class c read as
+        # d from its background) still shows c's evidence on the object. The labelled class's
+        # CAM must be no better than chance on the object: lift_true < label_max_lift (an
+        # all-zero CAM, NaN, counts as no evidence).
+        gated = np.zeros(ctx.n, bool)
+        if "lift_true" in ctx.table.columns and "mask_frac" in ctx.table.columns:
+            has_mask = np.isfinite(ctx.col("mask_frac"))
+            on_object = ctx.col("lift_true") >= float(ctx.options["label_max_lift"])
+            gated = issue & has_mask & on_object
+            issue &= ~gated
         p_given = P[np.arange(ctx.n), np.clip(lab, 0, None)]
         label_prob = ctx.col("label_prob")
         scores = np.where((lab >= 0) & np.isfinite(label_prob), np.clip(1.0 - label_prob, 0.0, 1.0), np.nan)
@@ -142,6 +159,7 @@ class LabelIssue(Detector):
                           "threshold_suggested": float(t[sj]),
                           "mean_p_given": float(p_given[rows].mean()), "mean_p_suggested": float(p_s.mean()),
                           "n_label_cam_weak": int(weak.sum()),
+                          "n_set_aside_label_seen_on_object": int((gated & (lab == gi) & (suggested == sj)).sum()),
                           "label_cam_available": bool(np.isfinite(ratio[rows]).any()),
                           "images": per_image},
                 examples=ctx.examples(rows, order=margin),

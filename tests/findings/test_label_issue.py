@@ -118,3 +118,25 @@ def test_skipped_without_label_prob_or_with_one_class(make_table):
     assert res.skipped and "label_prob" in res.skipped
     one = make_table(["a"], np.zeros(5, int))
     assert "single class" in run_detector(Context(table=one), "label_issue").skipped
+
+
+def test_attention_gate_sets_aside_labels_seen_on_the_object(make_table):
+    t, flipped, _ = _flipped_scan(make_table, seed=3)
+    base = run_detector(Context(table=t), "label_issue").flags
+    assert base.any()
+    # The labelled class's CAM sits on the object (lift 2) for half the candidates: those are
+    # model mistakes, not label errors; the rest have none of it there (lift 0.3) or none at all.
+    cand = np.flatnonzero(base)
+    seen = np.zeros(len(t), bool)
+    seen[cand[::2]] = True
+    t["mask_frac"] = 0.2
+    t["lift_true"] = np.where(seen, 2.0, 0.3)
+    t.loc[cand[1], "lift_true"] = np.nan  # an all-zero labelled-class CAM: no evidence at all
+    gated = run_detector(Context(table=t), "label_issue")
+    np.testing.assert_array_equal(gated.flags, base & ~seen)
+    # each finding counts the images it set aside (pairs set aside entirely have no finding)
+    set_aside = sum(f.evidence["n_set_aside_label_seen_on_object"] for f in gated.findings)
+    assert 0 < set_aside <= seen.sum()
+    # images without a mask are not gated
+    t["mask_frac"] = np.nan
+    np.testing.assert_array_equal(run_detector(Context(table=t), "label_issue").flags, base)
