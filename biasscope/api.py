@@ -84,9 +84,9 @@ def _prepare_out(out: Path, fingerprint: str, parts: dict, *, resume: bool,
     if meta.get("fingerprint") != fingerprint:
         if not overwrite:
             old_parts = meta.get("fingerprint_parts", {})
-            diff = [k for k in ("model", "data", "options") if old_parts.get(k) != parts.get(k)]
-            what = " and ".join(diff) or "model or dataset"
-            raise BiasscopeError(f"{out} holds a scan of a different {what}; choose another --out "
+            words = {"model": "a different model", "data": "different data", "options": "other options"}
+            diff = [words[k] for k in words if old_parts.get(k) != parts.get(k)] or ["a different model or dataset"]
+            raise BiasscopeError(f"{out} holds a scan of {' and '.join(diff)}; choose another --out "
                                  "or pass --overwrite")
         _clear(out)
         return None

@@ -61,7 +61,8 @@ def run_demo(out="reports/demo", *, size: str = "default", cache_dir=None, retra
 
     truth_eval = benchmark.evaluate_groups(model, data)
     t = time.perf_counter()
-    result = scan(model, data / "val", out=out, batch_size=32, progress=rep)
+    # the demo's folder is its own: a scan left there by an older version is replaced
+    result = scan(model, data / "val", out=out, batch_size=32, overwrite=True, progress=rep)
     timings["scan_s"] = time.perf_counter() - t
     return {"scan": result, "data": data, "model": model, "truth_eval": truth_eval,
             "timings": timings}
