@@ -104,6 +104,7 @@ def run_bench(model=None, *, arch: str | None = None, n: int = 512, batch_size: 
         with rep.task("writing images", total=None):
             n_cls = min(head.n_classes, n)
             data = synth_image_set(work / "data", n, n_cls, (H, W))
+            os.sync()  # flush the new files now, not while the scan is being timed
         # the class map lets a model with more outputs than the sample has classes be scanned
         cmap = {f"c{c:03d}": c for c in range(n_cls)}
         # warm-up: trace the CAM engine on two batches (the engine is reused by the timed scan)
