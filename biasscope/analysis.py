@@ -586,7 +586,6 @@ def _analyse(table, heatmaps, *, seed, n_neighbors, grid, max_clusters, projecti
     H, W = maps.shape[1:]
     X = maps.reshape(n, -1)
     pred = table["pred"].astype(str).to_numpy()
-    label = table["label"].astype(str).to_numpy()
     correct = table["correct"].to_numpy(dtype=bool)
     inside, lift = _col(table, "inside_frac"), _col(table, "lift")
     geo_all = heatmap_geometry(maps)  # per-image centre of mass, for the clusters' jitter

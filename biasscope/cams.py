@@ -11,11 +11,9 @@ does not watch variables, and A is watched where it is produced.
 
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Callable
 
-import numpy as np
 
 from .errors import BiasscopeError
 from .model import Capture, LayerInfo, OutputHead

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

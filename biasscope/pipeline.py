@@ -8,7 +8,6 @@ sees exactly one input signature.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
