@@ -18,6 +18,7 @@ import pandas as pd
 from . import __version__
 from .data import BOX_COLS, Dataset, load_dataset
 from .errors import BiasscopeError
+from .metrics import inside_frac, lift, upsample_bilinear
 from .progress import as_reporter
 from .store import SCHEMA_VERSION, ChunkWriter, Scan, load, read_meta, write_json, write_table
 
@@ -162,7 +163,6 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     """
     from .metrics import attention_metrics
     from .model import choose_layer, find_layer, model_fingerprint, output_head
-
     from .summary import validate_gates
 
     rep = as_reporter(progress)
@@ -384,8 +384,6 @@ def _label_attention(cam_true, masks, has_mask, wrong, att) -> dict:
 
     Where the prediction is right the two CAMs are the same, so only wrong rows are computed.
     """
-    from .metrics import inside_frac, lift, upsample_bilinear
-
     out = {"inside_frac_true": att["inside_frac"].copy(), "lift_true": att["lift"].copy()}
     rows = np.flatnonzero(wrong & has_mask)
     if len(rows):

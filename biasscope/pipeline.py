@@ -35,7 +35,7 @@ def _decode(path, channels):
 
 
 def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: int,
-                  start: int = 0, threads: int | None = None) -> tf.data.Dataset:
+                  start: int = 0) -> tf.data.Dataset:
     """Batches of dicts: index, image (B,H,W,C) float32 0..255, mask (B,H,W) bool, has_mask,
     image_hw and mask_hw (original sizes, for the aspect-ratio check)."""
     H, W = (int(s) for s in image_size)
@@ -94,10 +94,10 @@ def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: 
         }
 
     return _batched(src.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors(),
-                    batch_size, threads)
+                    batch_size)
 
 
-def _batched(ds, batch_size, threads=None):
+def _batched(ds, batch_size):
     @tf.autograph.experimental.do_not_convert
     def pad(batch):
         extra = batch_size - tf.shape(batch["index"])[0]
@@ -111,8 +111,6 @@ def _batched(ds, batch_size, threads=None):
 
     opts = tf.data.Options()
     opts.deterministic = True
-    if threads:
-        opts.threading.private_threadpool_size = int(threads)
     return ds.batch(batch_size).map(pad, num_parallel_calls=1).prefetch(2).with_options(opts)
 
 
