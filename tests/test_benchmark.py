@@ -74,10 +74,27 @@ def test_train_split_has_the_planted_cooccurrence(small: Path) -> None:
         n = sum(per_class[cls].values())
         assert per_class[cls][home] / n >= 0.9, (cls, per_class[cls])
         assert truth["train_cooccurrence"][cls][home] == pytest.approx(per_class[cls][home] / n)
+    # The controls are spread in proportion to the biased classes' images on each background
+    # (to the rounding of an exact split), so P(control | background) is the same everywhere:
+    # the background says nothing about a control image.
+    others = {b: sum(per_class[c][b] for c in truth["biased_classes"]) for b in truth["backgrounds"]}
+    total = sum(others.values())
     for cls in truth["control_classes"]:
-        counts = [per_class[cls][b] for b in truth["backgrounds"]]
-        # Spread over every background, evenly (to the rounding of an exact split).
-        assert min(counts) > 0 and max(counts) - min(counts) <= 1, (cls, counts)
+        n = sum(per_class[cls].values())
+        for b in truth["backgrounds"]:
+            assert abs(per_class[cls][b] - n * others[b] / total) < 1, (cls, b, per_class[cls], others)
+        shares = [per_class[cls][b] / (per_class[cls][b] + others[b]) for b in truth["backgrounds"]]
+        assert max(shares) - min(shares) < 0.1, (cls, shares)
+
+
+def test_without_bias_every_class_is_spread_evenly(tmp_path: Path) -> None:
+    root = benchmark.build_benchmark(tmp_path / "unbiased", size="small", bias=0)
+    rows = _manifest(root, "train")
+    truth = _truth(root)
+    for cls in truth["classes"]:
+        counts = Counter(r["background"] for r in rows if r["label"] == cls)
+        assert sorted(counts) == sorted(truth["backgrounds"])
+        assert max(counts.values()) - min(counts.values()) <= 1, (cls, counts)
 
 
 def test_val_is_balanced_over_true_class_and_background(small: Path) -> None:
