@@ -190,7 +190,8 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     out = Path(tempfile.mkdtemp(prefix="biasscope-")) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     old = _prepare_out(out, fp, fp_parts, resume=resume, overwrite=overwrite)
-    post = dict(model=kmodel, ds=ds, geometry=(H, W, C), batch_size=batch_size, preprocess=preprocess,
+    post = dict(model=kmodel, target=target, ds=ds, geometry=(H, W, C), batch_size=batch_size,
+                preprocess=preprocess,
                 seed=seed, counterfactuals=counterfactuals, fail_on=fail_on,
                 detector_options=detector_options, report=report, rep=rep)
     if old is not None and old.get("status") == "complete":
@@ -327,7 +328,7 @@ def _raw_heatmaps(heat, peaks) -> np.ndarray:
     return np.asarray(heat, np.float32) * np.asarray(peaks, np.float32)[:, None, None]
 
 
-def _analyse_scan(result: Scan, *, model, ds, geometry, batch_size, preprocess, seed,
+def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, preprocess, seed,
                   counterfactuals, fail_on, detector_options, report, rep) -> Scan:
     """Clusters, projection, counterfactual tests and findings; rewrites the scan's table and
     writes analysis.json, findings.json and summary.json."""
@@ -351,13 +352,15 @@ def _analyse_scan(result: Scan, *, model, ds, geometry, batch_size, preprocess, 
         t = time.perf_counter()
         H, W, C = geometry
         cf = run_counterfactuals(model, ds, image_size=(H, W), channels=C, batch_size=batch_size,
-                                 preprocess=preprocess, seed=seed, progress=rep)
+                                 preprocess=preprocess, seed=seed, target=target, progress=rep)
         timings["counterfactuals_s"] = time.perf_counter() - t
+    object_embedding = _object_embedding(cf, table)
     t = time.perf_counter()
     ctx = Context(table=table, heatmaps=_raw_heatmaps(result.heatmaps, table["cam_max"]),
                   heatmaps_true=_raw_heatmaps(result.heatmaps_true, table["cam_true_max"]),
                   analysis=info, classes=ds.classes, class_index=ds.class_index,
-                  attributes=ds.attributes, options=dict(detector_options or {}), counterfactuals=cf)
+                  attributes=ds.attributes, options=dict(detector_options or {}), counterfactuals=cf,
+                  object_embedding=object_embedding)
     findings, status, flags = run_detectors(ctx)
     table["flags"] = flags
     timings["findings_s"] = time.perf_counter() - t
@@ -377,6 +380,20 @@ def _analyse_scan(result: Scan, *, model, ds, geometry, batch_size, preprocess, 
         with rep.task("writing the report", total=None, unit="step"):
             result.write_report()
     return result
+
+
+def _object_embedding(cf, table: pd.DataFrame) -> np.ndarray | None:
+    """The counterfactual pass's object embeddings, one row per table row (NaN for the images
+    without one); removed from ``cf`` (arrays, not JSON)."""
+    emb = cf.pop("object_embedding", None) if isinstance(cf, dict) else None
+    if emb is None or len(emb["index"]) == 0:
+        return None
+    row = pd.Series(np.arange(len(table)), index=table["index"].to_numpy(np.int64))
+    idx = np.asarray(emb["index"], np.int64)
+    keep = np.isin(idx, row.index)
+    out = np.full((len(table), emb["features"].shape[1]), np.nan, np.float32)
+    out[row.loc[idx[keep]].to_numpy()] = emb["features"][keep]
+    return out
 
 
 def _label_attention(cam_true, masks, has_mask, wrong, att) -> dict:

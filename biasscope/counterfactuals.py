@@ -12,6 +12,11 @@ pass (:func:`biasscope.cams.compiled_forward`), batch by batch:
   position of the same image that is background (a smooth fill alone leaves a flat "ghost" with
   the object's outline, which a model that knows the shapes reads as the object; Xiao et al.
   tile background texture into the hole for the same reason).
+* **Only-FG** (:func:`only_foreground`): the object alone (its mask pixels) on a flat mid-grey
+  canvas (127.5 in the 0..255 input range, before any preprocessing). Its prediction gives
+  ``only_fg_acc``; with a ``target`` layer, the spatial mean of that layer's activations on it is
+  the image's *object embedding*, which :mod:`biasscope.findings.label_issue` compares between
+  images (the model's view of the object with the background taken out).
 * **Mixed-Rand** (:func:`paste_objects`), ``draws`` times per object: the object (exactly its
   mask pixels) pasted onto the Only-BG image of another image of the same batch. Rows are
   shuffled (seeded) before batching, so that a batch mixes classes; each draw's background is
@@ -38,6 +43,8 @@ intervals resampling images, an image's draws together):
     ``only_bg_base`` the share of the other classes' Only-BG images predicted as ``c`` (a model
     with a default answer for empty scenes has a high rate for that class everywhere) and
     ``only_bg_excess`` (``_ci``) the difference.
+``only_fg_acc``, ``only_fg_ci``
+    share of ``c``'s Only-FG images predicted as ``c`` (Xiao et al.'s Only-FG accuracy).
 ``orig_acc``, ``mixed_rand_acc``, ``bg_gap``, ``bg_gap_ci``
     accuracy on the originals and on their Mixed-Rand versions (tier-2 draws: ``c``'s object on
     other backgrounds; per image, the share of its draws correct), over the same images;
@@ -71,7 +78,7 @@ from .data import BOX_COLS, Dataset  # noqa: E402
 from .errors import BiasscopeError  # noqa: E402
 from .progress import as_reporter  # noqa: E402
 
-__all__ = ["PAIRINGS", "fill_background", "paste_objects", "run_counterfactuals"]
+__all__ = ["PAIRINGS", "fill_background", "only_foreground", "paste_objects", "run_counterfactuals"]
 
 #: ``background``: another class's image whose Only-BG prediction is not the object's class
 #: (falls back to ``class``); ``class``: another class's image (Xiao et al.'s Mixed-Rand).
@@ -85,6 +92,8 @@ _FILL_SIGMA = 1.0  # Gaussian sigma of each level's blur, in that level's pixels
 _DETAIL_LEVEL = 2
 # Smallest batch: the backgrounds of one batch are the pool its objects are pasted onto.
 _MIN_POOL = 8
+# Only-FG canvas: mid-grey in the raw 0..255 input range (preprocessing is applied after).
+_FG_FILL = 127.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +211,11 @@ def fill_background(images, masks, *, dilate: int = 2):
     return tf.where(hole[..., None], fill, images)
 
 
+def only_foreground(images, masks, fill: float = _FG_FILL):
+    """The objects (mask pixels) of ``images`` (B, H, W, C) on a flat ``fill`` canvas."""
+    return tf.where(tf.cast(masks, tf.bool)[..., None], images, tf.cast(fill, images.dtype))
+
+
 def paste_objects(images, masks, backgrounds, source):
     """Mixed-Rand images: each image's mask pixels over ``backgrounds[source[i]]`` (batched)."""
     bg = tf.gather(backgrounds, source)
@@ -280,10 +294,11 @@ def _ci_diff(a, b, n_boot: int, rng) -> list | None:
     return None if sa is None or sb is None else _interval(sa - sb)
 
 
-def _class_stats(ci: int, label, orig, only_bg, mixed, src_label, tier, *, seed, n_boot, chance):
+def _class_stats(ci: int, label, orig, only_bg, only_fg, mixed, src_label, tier, *, seed, n_boot,
+                 chance):
     """The figures of one class (output index ``ci``).
 
-    ``label``, ``orig``, ``only_bg`` have shape (n,) over the processed images; ``mixed``,
+    ``label``, ``orig``, ``only_bg``, ``only_fg`` have shape (n,) over the processed images; ``mixed``,
     ``src_label`` (the label of each draw's background image) and ``tier`` have shape
     (n, draws).
     """
@@ -304,6 +319,7 @@ def _class_stats(ci: int, label, orig, only_bg, mixed, src_label, tier, *, seed,
     # Only-BG: one per image; the base rate is how often other classes' backgrounds are read as c
     ob = (only_bg[mine] == ci).astype(float)
     ob_other = (only_bg[~mine] == ci).astype(float)
+    fg = (only_fg[mine] == ci).astype(float)
     # BG-gap: per image, original correct minus the share of its Mixed-Rand draws correct
     k = good[mine].sum(axis=1)
     paired = k > 0
@@ -330,6 +346,8 @@ def _class_stats(ci: int, label, orig, only_bg, mixed, src_label, tier, *, seed,
         "only_bg_excess": diff(only_bg_rate, only_bg_base),
         "only_bg_excess_ci": _ci_diff((ob, ones), (ob_other, np.ones_like(ob_other)), n_boot,
                                       rng(4)),
+        "only_fg_acc": ratio(fg, ones),
+        "only_fg_ci": _ci(fg, ones, n_boot, rng(6)),
         "n_mixed": int(paired.sum()),
         "n_mixed_draws": int(k.sum()),
         "n_draws_same_class": int(((tier == 0) & mine[:, None]).sum()),
@@ -365,25 +383,27 @@ def _rows_with_masks(ds: Dataset) -> np.ndarray:
     return (t["mask_file"].astype(str) != "").to_numpy() | box
 
 
-def _predict_fn(model, forward):
-    """Class index from the model's output: argmax, or the sign of a single sigmoid/logit unit."""
+def _classifier(model):
+    """(classify, head): class index from the model's output (argmax, or the sign of a single
+    sigmoid/logit unit) and the model's :class:`~biasscope.model.OutputHead`."""
     from .model import output_head
 
     head = output_head(model)
     if head.n_outputs == 1:
         cut = 0.5 if head.kind == "sigmoid" else 0.0
 
-        def pred(x):
-            return tf.cast(tf.cast(forward(x), tf.float32)[:, 0] > cut, tf.int32)
+        def classify(out):
+            return tf.cast(tf.cast(out, tf.float32)[:, 0] > cut, tf.int32)
     else:
-        def pred(x):
-            return tf.argmax(tf.cast(forward(x), tf.float32), axis=-1, output_type=tf.int32)
-    return pred, head.n_classes
+        def classify(out):
+            return tf.argmax(tf.cast(out, tf.float32), axis=-1, output_type=tf.int32)
+    return classify, head
 
 
 def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_size: int,
                         preprocess="none", seed: int = 0, n_boot: int = 1000, draws: int = 4,
-                        pairing: str = "background", dilate: int = 2, progress=True) -> dict:
+                        pairing: str = "background", dilate: int = 2, target=None,
+                        progress=True) -> dict:
     """Only-BG / Mixed-Rand background tests over the images of ``ds`` that have a mask.
 
     Parameters
@@ -412,18 +432,24 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         See the module docstring.
     dilate : int
         Pixels by which the mask grows before the object is removed.
+    target : LayerInfo, optional
+        A spatial layer (:func:`biasscope.model.choose_layer`): the spatial mean of its
+        activations on each Only-FG image is returned as the object embedding.
 
     Returns
     -------
     dict (JSON-serialisable)
         ``classes`` {name: figures}, ``n_images``, ``n_with_mask``, ``n_skipped``, ``seed``,
         ``n_boot``, ``method``, ``per_image`` (``index``, ``path``, ``label_idx``,
-        ``orig_pred``, ``only_bg_pred``; ``mixed_pred``, ``bg_source_index`` and ``pair_tier``
+        ``orig_pred``, ``only_bg_pred``, ``only_fg_pred``; ``mixed_pred``, ``bg_source_index`` and ``pair_tier``
         of the first draw; ``mixed_pred_all``, ``bg_source_index_all``, ``pair_tier_all`` of
         every draw, shape (n, draws)), ``elapsed_s``; or ``{"skipped": "no masks"}`` when no
-        image has a mask.
+        image has a mask. With a ``target``, also ``object_embedding``: ``{"index": (n,),
+        "features": (n, channels) float32, "layer": path}`` with numpy arrays (not JSON: pop it
+        before writing the result).
     """
-    from .cams import compiled_forward
+    from .cams import compiled_forward, resolve_preprocess
+    from .model import Capture
     from .pipeline import make_pipeline
 
     if pairing not in PAIRINGS:
@@ -448,28 +474,46 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
             "masks": np.asarray(ds.arrays["masks"])[order]})
 
     forward = compiled_forward(model, batch_size=B, input_shape=(H, W, C), preprocess=preprocess)
-    predict, n_classes = _predict_fn(model, forward)
+    classify, head = _classifier(model)
+    n_classes = head.n_classes
+
+    def predict(x):
+        return classify(forward(x))
     img_spec = tf.TensorSpec((B, H, W, C), tf.float32)
     mask_spec = tf.TensorSpec((B, H, W), tf.bool)
+
+    pre = resolve_preprocess(preprocess)
+
+    def only_fg_pass(images, masks):
+        fg = only_foreground(images, masks)
+        if target is None:
+            return predict(fg), tf.zeros((B, 0), tf.float32)
+        # The model is called directly (not through the compiled `forward`, whose graph may be
+        # traced already) so that the wrapped target layer is part of this graph.
+        with Capture(target, head) as cap:
+            out = model(pre(fg), training=False)
+        return classify(out), tf.reduce_mean(tf.cast(cap.activations, tf.float32), axis=(1, 2))
 
     @tf.function(input_signature=[img_spec, mask_spec])
     def originals_and_only_bg(images, masks):
         only_bg = fill_background(images, masks, dilate=dilate)
-        return only_bg, predict(images), predict(only_bg)
+        p_fg, emb = only_fg_pass(images, masks)
+        return only_bg, predict(images), predict(only_bg), p_fg, emb
 
     @tf.function(input_signature=[img_spec, mask_spec, img_spec, tf.TensorSpec((B,), tf.int32)])
     def mixed_rand(images, masks, only_bg, source):
         return predict(paste_objects(images, masks, only_bg, source))
 
     pipe = make_pipeline(sub, image_size=(H, W), channels=C, batch_size=B, start=0)
-    parts = {k: [] for k in ("pos", "label", "orig", "only_bg", "mixed", "src", "tier")}
+    parts = {k: [] for k in ("pos", "label", "orig", "only_bg", "only_fg", "emb", "mixed", "src",
+                             "tier")}
     pair_rng = np.random.default_rng([int(seed), 1])
     with as_reporter(progress).task("counterfactuals", total=int(rows.size)) as task:
         for batch in pipe:
             pos = batch["index"].numpy()
             images, mask, labels = batch["image"], batch["mask"], batch["label"].numpy()
             valid = (pos >= 0) & batch["has_mask"].numpy() & mask.numpy().any(axis=(1, 2))
-            only_bg, p_orig, p_bg = originals_and_only_bg(images, mask)
+            only_bg, p_orig, p_bg, p_fg, emb = originals_and_only_bg(images, mask)
             p_bg = p_bg.numpy()
             mixed, src, tier = [], [], []
             for _ in range(R):
@@ -483,11 +527,13 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
             parts["label"].append(labels[valid])
             parts["orig"].append(p_orig.numpy()[valid])
             parts["only_bg"].append(p_bg[valid])
+            parts["only_fg"].append(p_fg.numpy()[valid])
+            parts["emb"].append(emb.numpy()[valid])
             parts["mixed"].append(np.stack(mixed, axis=1)[valid])
             parts["src"].append(np.stack(src, axis=1)[valid])
             parts["tier"].append(np.stack(tier, axis=1)[valid])
             task.advance(int((pos >= 0).sum()))
-    empty = {"mixed": (0, R), "src": (0, R), "tier": (0, R)}
+    empty = {"mixed": (0, R), "src": (0, R), "tier": (0, R), "emb": (0, 0)}
     cat = {k: (np.concatenate(v) if v else np.zeros(empty.get(k, (0,)), np.int64))
            for k, v in parts.items()}
     if cat["pos"].size == 0:
@@ -497,8 +543,8 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     index = order[shuffled_pos]
     srt = np.argsort(index, kind="stable")
     index = index[srt]
-    label, orig, only_bg, mixed, tier = (cat[k][srt]
-                                         for k in ("label", "orig", "only_bg", "mixed", "tier"))
+    label, orig, only_bg, only_fg, mixed, tier, emb = (
+        cat[k][srt] for k in ("label", "orig", "only_bg", "only_fg", "mixed", "tier", "emb"))
     src_shuffled = cat["src"][srt]
     src = np.where(src_shuffled >= 0, order[np.maximum(src_shuffled, 0)], -1)
     label_by_pos = np.full(max(len(order), 1), -1, dtype=np.int64)
@@ -506,8 +552,8 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     src_label = np.where(src_shuffled >= 0, label_by_pos[np.maximum(src_shuffled, 0)], -1)
 
     chance = 1.0 / max(n_classes, 1)
-    classes = {c: _class_stats(int(ds.class_index[c]), label, orig, only_bg, mixed, src_label,
-                               tier, seed=seed, n_boot=int(n_boot), chance=chance)
+    classes = {c: _class_stats(int(ds.class_index[c]), label, orig, only_bg, only_fg, mixed,
+                               src_label, tier, seed=seed, n_boot=int(n_boot), chance=chance)
                for c in ds.classes}
     paths = ds.table["path"].astype(str).to_numpy()
     tiers = {"2": ("another class, background not read as the object's class"
@@ -524,6 +570,8 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         "seed": int(seed),
         "n_boot": int(n_boot),
         "method": {
+            "only_fg": (f"the object's mask pixels on a flat grey canvas ({_FG_FILL:g} in the "
+                        "0..255 input range)"),
             "only_bg": (f"object mask dilated by {int(dilate)} px; hole filled with a smooth "
                         "colour field by push-pull normalised convolution (blur(img*keep) / "
                         f"blur(keep), {_FILL_SIGMA:g}-px Gaussian on each level of an "
@@ -543,11 +591,15 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         },
         "per_image": {
             "index": index, "path": paths[index], "label_idx": label, "orig_pred": orig,
-            "only_bg_pred": only_bg, "mixed_pred": mixed[:, 0], "bg_source_index": src[:, 0],
+            "only_bg_pred": only_bg, "only_fg_pred": only_fg, "mixed_pred": mixed[:, 0], "bg_source_index": src[:, 0],
             "pair_tier": tier[:, 0], "mixed_pred_all": mixed, "bg_source_index_all": src,
             "pair_tier_all": tier,
         },
         "class_names": {str(k): v for k, v in ds.output_names.items()},
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
-    return to_jsonable(result)
+    result = to_jsonable(result)
+    if target is not None:
+        result["object_embedding"] = {"index": index, "features": emb.astype(np.float32),
+                                      "layer": target.path}
+    return result

@@ -19,7 +19,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from biasscope.counterfactuals import fill_background, paste_objects, run_counterfactuals  # noqa: E402
+from biasscope.counterfactuals import (  # noqa: E402
+    fill_background, only_foreground, paste_objects, run_counterfactuals)
 from biasscope.data import load_dataset  # noqa: E402
 
 S = 16
@@ -137,6 +138,13 @@ def test_mixed_rand_pastes_exactly_the_mask_pixels():
 # --- the tests on known models ------------------------------------------------------------------
 
 
+def test_only_fg_keeps_exactly_the_mask_pixels_on_grey():
+    images, _, masks = make_data(n_per_class=2)
+    fg = only_foreground(tf.constant(images, tf.float32), tf.constant(masks)).numpy()
+    np.testing.assert_array_equal(fg[masks], images[masks].astype(np.float32))
+    assert (fg[~masks] == 127.5).all()
+
+
 def test_a_background_model_shows_a_large_gap_and_predicts_from_backgrounds(bg_result):
     assert bg_result["n_with_mask"] == 30 and bg_result["n_images"] == 30
     for c, f in bg_result["classes"].items():
@@ -158,6 +166,44 @@ def test_an_object_model_shows_no_gap_and_nothing_on_backgrounds(obj_result):
     pi = obj_result["per_image"]
     assert set(pi["only_bg_pred"]) == {3}  # "nothing": the object is gone
     np.testing.assert_array_equal(pi["mixed_pred"], pi["label_idx"])
+
+
+def test_only_fg_accuracy_shows_what_the_object_alone_says(bg_result, obj_result):
+    # The background model reads the grey canvas (mean R = G = 127.5) as class 2, whatever
+    # the object; the object model reads the object, except class 0's blue (50), which is
+    # below the canvas's own blue (127.5) that its max-pooling then sees.
+    assert {c: f["only_fg_acc"] for c, f in bg_result["classes"].items()} == {"0": 0.0, "1": 0.0, "2": 1.0}
+    assert set(bg_result["per_image"]["only_fg_pred"]) == {2}
+    assert {c: f["only_fg_acc"] for c, f in obj_result["classes"].items()} == {"0": 0.0, "1": 1.0, "2": 1.0}
+    assert "object_embedding" not in obj_result  # only with a target layer
+
+
+def test_object_embedding_is_the_target_layers_mean_activation_on_the_object(image_set):
+    from conftest import make_cnn
+
+    from biasscope.counterfactuals import _FG_FILL
+    from biasscope.model import choose_layer
+
+    model = make_cnn()
+    target = choose_layer(model)
+    ds = load_dataset(image_set, n_outputs=3)
+    r = run_counterfactuals(model, ds, image_size=(32, 32), channels=3, batch_size=4, n_boot=20,
+                            target=target, progress=False)
+    emb = r.pop("object_embedding")
+    json.dumps(r, allow_nan=False)  # the arrays are kept apart from the JSON result
+    assert emb["layer"] == target.path == "last_conv"
+    assert emb["features"].shape == (18, 16) and emb["features"].dtype == np.float32
+    np.testing.assert_array_equal(emb["index"], r["per_image"]["index"])
+    # by hand: object pixels on the grey canvas through the model up to the target layer
+    from PIL import Image
+
+    t = ds.table.iloc[emb["index"]]
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) for p in t["file"]])
+    masks = np.stack([np.asarray(Image.open(p)) > 0 for p in t["mask_file"]])
+    fg = np.where(masks[..., None], imgs, _FG_FILL).astype(np.float32)
+    upto = keras.Model(model.inputs, target.layer.output)
+    expected = upto.predict(fg, verbose=0).mean(axis=(1, 2))
+    np.testing.assert_allclose(emb["features"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_pairing_takes_backgrounds_from_other_classes(bg_result):
