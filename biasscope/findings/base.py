@@ -70,8 +70,11 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "group_min_n": 10,
     "group_min_gap": 0.1,
     "alpha": 0.05,
-    # label_issue: a candidate is kept only when the labelled class's CAM has a lift on the
-    # object below this (1 = chance level); images without a mask are not gated.
+    # label_issue, object view: neighbours per image in the object-embedding kNN.
+    "label_knn": 20,
+    # label_issue, model view (images without an object embedding): a candidate is kept only
+    # when the labelled class's CAM has a lift on the object below this (1 = chance level);
+    # images without a mask are not gated.
     "label_max_lift": 1.0,
     # label_issue: the labelled class's CAM is "weak" below this share of the predicted one's.
     "label_cam_weak": 0.25,
@@ -214,6 +217,10 @@ class Context:
         The background tests of :func:`biasscope.counterfactuals.run_counterfactuals`:
         ``{"classes": {class: {figures}}, "per_image": {...}}`` or ``{"skipped": reason}``; read
         by ``background_reliance`` and, as backing evidence, ``spurious_background``.
+    object_embedding : array of shape (N, C), optional
+        Per image, the model's embedding of the object alone (the target layer's mean
+        activation on the Only-FG image of the counterfactual pass); NaN rows for images
+        without one. Read by ``label_issue``.
     """
 
     table: pd.DataFrame
@@ -225,6 +232,7 @@ class Context:
     attributes: list | None = None
     options: dict = field(default_factory=dict)
     counterfactuals: dict | None = None
+    object_embedding: np.ndarray | None = None
 
     def __post_init__(self):
         if not isinstance(self.table, pd.DataFrame):
@@ -236,6 +244,9 @@ class Context:
             h = getattr(self, name)
             if h is not None and (np.ndim(h) != 3 or np.shape(h)[0] != self.n):
                 raise BiasscopeError(f"ctx.{name} must have shape (N={self.n}, h, w), got {np.shape(h)}")
+        e = self.object_embedding
+        if e is not None and (np.ndim(e) != 2 or np.shape(e)[0] != self.n):
+            raise BiasscopeError(f"ctx.object_embedding must have shape (N={self.n}, C), got {np.shape(e)}")
         unknown = sorted(set(self.options) - set(DEFAULT_OPTIONS))
         if unknown:
             raise BiasscopeError(f"unknown detector option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")

@@ -140,3 +140,150 @@ def test_attention_gate_sets_aside_labels_seen_on_the_object(make_table):
     # images without a mask are not gated
     t["mask_frac"] = np.nan
     np.testing.assert_array_equal(run_detector(Context(table=t), "label_issue").flags, base)
+
+
+# --- the object view: kNN over object embeddings -------------------------------------------------
+
+
+def _object_scan(make_table, seed=0, n_per_class=50, K=3, n_flip=9, dims=24):
+    """Objects of class c embed near centre c; the model is a shortcut model, confidently
+    predicting class 0 for a third of all images whatever they show; a few labels are flipped."""
+    rng = np.random.default_rng(seed)
+    true = np.repeat(np.arange(K), n_per_class)
+    centres = rng.random((K, dims)) * 4
+    emb = centres[true] + rng.normal(0, 0.3, (len(true), dims))
+    flipped = np.zeros(len(true), bool)
+    flipped[rng.choice(len(true), n_flip, replace=False)] = True
+    label = true.copy()
+    label[flipped] = (true[flipped] + rng.integers(1, K, n_flip)) % K
+    probs = np.full((len(true), K), 0.05)
+    probs[np.arange(len(true)), true] = 0.9
+    shortcut = rng.random(len(true)) < 0.33
+    probs[shortcut] = 0.05
+    probs[shortcut, 0] = 0.9
+    probs /= probs.sum(axis=1, keepdims=True)
+    t = make_table([f"c{i}" for i in range(K)], label, probs=probs)
+    return t, emb.astype(np.float32), flipped, true
+
+
+def test_object_view_finds_labels_that_disagree_with_look_alike_objects(make_table):
+    t, emb, flipped, true = _object_scan(make_table)
+    model_view = run_detector(Context(table=t), "label_issue")
+    res = run_detector(Context(table=t, object_embedding=emb), "label_issue")
+    np.testing.assert_array_equal(res.flags, flipped)
+    # the shortcut model's own probabilities flag correctly labelled images too
+    assert (model_view.flags & ~flipped).sum() >= 5
+    for f in res.findings:
+        assert f.evidence["views"] == ["object"]
+        for img in f.evidence["images"]:
+            i = int(np.flatnonzero(t["path"].to_numpy() == img["path"])[0])
+            assert f.evidence["suggested"] == f"c{true[i]}"
+            assert img["view"] == "object" and img["p_suggested"] > img["p_given"]
+            # the nearest look-alikes carry the suggested label
+            assert img["nearest_with_suggested_label"]
+            assert all(p.startswith(f.evidence["suggested"] + "/") for p in img["nearest_with_suggested_label"])
+    # score = 1 - the share of neighbours with the given label
+    assert res.scores[flipped].min() > res.scores[~flipped].max()
+
+
+def test_object_view_is_not_cleared_by_a_model_that_agrees_with_the_wrong_label(make_table):
+    t, emb, flipped, _ = _object_scan(make_table, seed=1)
+    i = int(np.flatnonzero(flipped)[0])
+    t.loc[i, ["pred", "pred_idx", "correct"]] = [t.loc[i, "label"], t.loc[i, "label_idx"], True]
+    res = run_detector(Context(table=t, object_embedding=emb), "label_issue")
+    assert res.flags[i]
+
+
+def test_images_without_an_embedding_get_the_model_view(make_table):
+    t, emb, flipped, _ = _object_scan(make_table, seed=2)
+    emb[::2] = np.nan  # every other image has no mask: no Only-FG embedding
+    res = run_detector(Context(table=t, object_embedding=emb), "label_issue")
+    model_only = run_detector(Context(table=t), "label_issue")
+    odd = np.arange(len(t)) % 2 == 1
+    np.testing.assert_array_equal(res.flags[odd], flipped[odd])
+    # the even rows are judged as without embeddings (thresholds from those rows only)
+    even = np.flatnonzero(~odd)
+    sub = run_detector(Context(table=t.iloc[even].reset_index(drop=True)), "label_issue")
+    np.testing.assert_array_equal(res.flags[even], sub.flags)
+    assert res.flags[even].sum() <= model_only.flags.sum()
+    views = {v for f in res.findings for v in f.evidence["views"]}
+    assert "object" in views
+
+
+def test_too_few_embeddings_fall_back_to_the_model_view(make_table):
+    t, emb, _, _ = _object_scan(make_table, seed=3)
+    rows = np.arange(0, len(t), 7)[:20]  # 20 images of every class; label_knn = 20 needs 21
+    few = np.full_like(emb, np.nan)
+    few[rows] = emb[rows]
+    a = run_detector(Context(table=t, object_embedding=few), "label_issue")
+    b = run_detector(Context(table=t), "label_issue")
+    np.testing.assert_array_equal(a.flags, b.flags)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert all(f.evidence["views"] == ["model"] for f in a.findings)
+    # with a smaller k the same 20 are enough: their scores are shares of 5 neighbours
+    c = run_detector(Context(table=t, object_embedding=few, options={"label_knn": 5}), "label_issue")
+    np.testing.assert_allclose(c.scores[rows] * 5, np.round(c.scores[rows] * 5), atol=1e-9)
+    assert not np.allclose(c.scores[rows], b.scores[rows])
+
+
+def test_knn_probabilities_leave_each_image_out_and_cap_k():
+    from biasscope.findings.label_issue import knn_probabilities
+
+    X = np.array([[0.0], [0.0], [1.0], [1.1], [5.0]])  # rows 0 and 1 are exact duplicates
+    labels = np.array([0, 1, 1, 1, 0])
+    P, nb = knn_probabilities(X, labels, 2, k=1)
+    assert nb[:, 0].tolist() == [1, 0, 3, 2, 3]
+    np.testing.assert_array_equal(P.argmax(axis=1), labels[nb[:, 0]])
+    P, nb = knn_probabilities(X, labels, 2, k=50)  # a class smaller than k: capped at n - 1
+    assert nb.shape == (5, 4) and all(i not in row for i, row in enumerate(nb))
+    np.testing.assert_allclose(P.sum(axis=1), 1.0)
+
+
+def test_embedding_is_power_normalised_and_reduced_when_wide():
+    from biasscope.findings.label_issue import embed_for_knn
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 512)).astype(np.float32)
+    Y = embed_for_knn(X)
+    assert Y.shape == (300, 128)
+    np.testing.assert_allclose(np.linalg.norm(Y, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(Y, embed_for_knn(X))  # deterministic
+    small = embed_for_knn(np.array([[4.0, -9.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(small[0], np.array([2.0, -3.0]) / np.sqrt(13.0))
+    np.testing.assert_array_equal(small[1], [0.0, 0.0])  # an all-zero embedding stays zero
+
+
+def test_embedding_of_the_wrong_shape_is_refused(make_table):
+    import pytest
+
+    from biasscope.errors import BiasscopeError
+
+    t = make_table(["a", "b"], np.array([0, 1, 0]))
+    with pytest.raises(BiasscopeError, match="object_embedding"):
+        Context(table=t, object_embedding=np.zeros((2, 4)))
+
+
+def test_rules_agree_with_cleanlab():
+    import pytest
+
+    filt = pytest.importorskip("cleanlab.filter")
+    from biasscope.findings.label_issue import prune_by_class
+
+    rng = np.random.default_rng(0)
+    for K, n in ((3, 300), (5, 600), (10, 2000)):
+        true = rng.integers(0, K, n)
+        P = rng.dirichlet(np.full(K, 0.5), n) * 0.5
+        P[np.arange(n), true] += 0.5 * rng.random(n)
+        P /= P.sum(axis=1, keepdims=True)
+        labels = true.copy()
+        flip = rng.random(n) < 0.08
+        labels[flip] = (true[flip] + rng.integers(1, K, flip.sum())) % K
+        ours = prune_by_class(P, labels)[0]
+        theirs = filt.find_label_issues(labels, P, filter_by="prune_by_class")
+        np.testing.assert_array_equal(ours, theirs)
+        assert ours.sum() > 0
+        # the plain rule, before cleanlab's "the model agrees" reduction, is the confident
+        # joint's off-diagonal
+        issue, _, _ = confident_learning(P, labels)
+        cl = filt.find_label_issues(labels, P, filter_by="confident_learning")
+        np.testing.assert_array_equal(issue & (P.argmax(axis=1) != labels), cl)
