@@ -44,7 +44,7 @@ CLASSES: tuple[str, ...] = tuple(sorted(_DIGITS))
 BACKGROUNDS: tuple[str, ...] = ("brick", "grass", "gravel", "photo")
 
 # The planted spurious correlation: in train, each of these classes is shown on its background
-# `bias` of the time. "three" is the clean control, shown on every background equally.
+# `bias` of the time. "three" is the clean control: P(three | background) is the same everywhere.
 BIASED_CLASSES: dict[str, str] = {"zero": "grass", "one": "brick", "two": "gravel"}
 
 # Clever-Hans watermark: a fixed bright patch in the top-left corner. In train it is on every

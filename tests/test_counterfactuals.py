@@ -169,11 +169,13 @@ def test_an_object_model_shows_no_gap_and_nothing_on_backgrounds(obj_result):
 
 
 def test_only_fg_accuracy_shows_what_the_object_alone_says(bg_result, obj_result):
-    # The background model reads the grey canvas (mean R = G = 127.5) as class 2, whatever
-    # the object; the object model reads the object, except class 0's blue (50), which is
-    # below the canvas's own blue (127.5) that its max-pooling then sees.
-    assert {c: f["only_fg_acc"] for c, f in bg_result["classes"].items()} == {"0": 0.0, "1": 0.0, "2": 1.0}
-    assert set(bg_result["per_image"]["only_fg_pred"]) == {2}
+    # The background model reads the grey canvas (mean R = G, just under 127.5 with the
+    # object's R = G = 0 pixels) as one class, whatever the object: R - G = G - R = 0 beats
+    # R + G - 250 < 0, and the tie goes to output 0. The object model reads the object, except
+    # class 0's blue (50), which is below the canvas's own blue (127.5) that its max-pooling
+    # then sees.
+    assert set(bg_result["per_image"]["only_fg_pred"]) == {0}
+    assert {c: f["only_fg_acc"] for c, f in bg_result["classes"].items()} == {"0": 1.0, "1": 0.0, "2": 0.0}
     assert {c: f["only_fg_acc"] for c, f in obj_result["classes"].items()} == {"0": 0.0, "1": 1.0, "2": 1.0}
     assert "object_embedding" not in obj_result  # only with a target layer
 

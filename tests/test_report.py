@@ -293,9 +293,11 @@ def test_counterfactual_results_are_rendered_when_present(small_scan):
     scan.analysis["counterfactuals"] = {"classes": {c: {
         "n": 6, "chance": 1 / 3, "only_bg_rate": 0.2, "only_bg_ci": ci, "orig_acc": 0.5,
         "mixed_rand_acc": 0.3, "bg_gap": 0.2, "bg_gap_ci": ci, "transplant_rate": 0.1,
-        "transplant_ci": [0.0, 0.2]} for c in scan.classes}}
+        "transplant_ci": [0.0, 0.2], "only_fg_acc": 0.875, "only_fg_ci": [0.625, 1.0]}
+        for c in scan.classes}}
     html = render_html(scan, thumbnails=False)
     assert "Mixed-Rand acc." in html and "[10.0%, 30.0%]" in html and '"counterfactuals"' in html
+    assert "Only-FG acc.</th>" in html and "87.5% <span class=\"ci\">[62.5%, 100.0%]</span>" in html
     assert "BG-gap</th>" in html  # the per-class table gains the column
     scan.analysis["counterfactuals"] = {"skipped": "no masks"}
     assert "Not run: no masks." in render_html(scan, thumbnails=False)

@@ -205,7 +205,7 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
             if isinstance(v, dict):
                 cf_rows.append({"name": str(c), **{k: v.get(k) for k in (
                     "n", "chance", "only_bg_rate", "only_bg_ci", "orig_acc", "mixed_rand_acc", "bg_gap",
-                    "bg_gap_ci", "transplant_rate", "transplant_ci")}})
+                    "bg_gap_ci", "transplant_rate", "transplant_ci", "only_fg_acc", "only_fg_ci")}})
         if not cf_rows:
             cf_skipped = cf.get("skipped") or "no class could be tested"
     else:
