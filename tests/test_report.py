@@ -223,6 +223,19 @@ def test_colormap_and_outline():
     assert outline(np.ones((3, 3), bool)).sum() == 8  # the frame closes an object cut by the border
 
 
+def test_evidence_tables_join_lists_in_cells():
+    from biasscope.report.build import _evidence_items
+
+    items = _evidence_items({"images": [{"path": "a.png", "near": ["b.png", "c.png"], "p": 0.5}],
+                             "views": ["object"]}, {"a.png": 3})
+    table, views = items
+    assert table["kind"] == "table" and table["columns"] == ["path", "near", "p"]
+    cells = table["rows"][0]
+    assert cells[0] == {"text": "a.png", "row": 3}
+    assert cells[1]["text"] == "b.png, c.png"
+    assert views == {"key": "views", "kind": "scalar", "text": "object"}
+
+
 def test_thumbnail_cap_keeps_examples_clusters_and_flagged_first():
     n = 5000
     t = pd.DataFrame({"path": [f"p{i}" for i in range(n)], "confidence": np.linspace(0, 1, n),

@@ -267,6 +267,9 @@ class LabelIssue(Detector):
         ratio = self._label_cam_ratio(ctx)
         weak_thr = float(ctx.options["label_cam_weak"])
 
+        notes = {"object": f"shares of the {k} most similar objects (object embeddings, "
+                           "background removed)",
+                 "model": "the model's probabilities"}
         findings = []
         rows_all = np.flatnonzero(issue)
         pairs = sorted({(int(lab[i]), int(suggested[i])) for i in rows_all})
@@ -290,9 +293,7 @@ class LabelIssue(Detector):
                 key=f"suggested={sugg}",
                 evidence={"given": given, "suggested": sugg, "n": len(rows), "n_class": n_class,
                           "rate": rate, "views": views,
-                          "view_note": {"object": f"shares of the {k} most similar objects "
-                                                  "(object embeddings, background removed)",
-                                        "model": "the model's probabilities"},
+                          "view_note": {v: notes[v] for v in views},
                           "threshold_given": float(np.nanmean(t_view[rows, gi])),
                           "threshold_suggested": float(np.nanmean(t_view[rows, sj])),
                           "mean_p_given": float(p_label[rows].mean()),

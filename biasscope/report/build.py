@@ -102,8 +102,12 @@ def _evidence_items(evidence: dict, row_of: dict) -> list[dict]:
                 for c in cols:
                     val = x.get(c)
                     row = row_of.get(str(val)) if c == "path" else None
-                    cells.append({"text": fmt_value(val) if not isinstance(val, (dict, list)) else str(val),
-                                  "row": row})
+                    if isinstance(val, list):  # e.g. a few paths: joined, like a scalar list
+                        text = ", ".join(fmt_value(x) if not isinstance(x, (dict, list)) else str(x)
+                                         for x in val)
+                    else:
+                        text = fmt_value(val) if not isinstance(val, dict) else str(val)
+                    cells.append({"text": text, "row": row})
                 rows.append(cells)
             items.append({"key": key, "kind": "table", "columns": cols, "rows": rows,
                           "more": max(0, len(v) - MAX_EXAMPLES)})
