@@ -227,9 +227,8 @@ def _digit_indices(rng: np.random.Generator, n: int, pool_size: int) -> np.ndarr
 def _plan_train(rng: np.random.Generator, per_class: int, bias: float) -> list[dict[str, Any]]:
     n_bg = len(BACKGROUNDS)
     counts: dict[str, np.ndarray] = {}
-    homes = {cls: BIASED_CLASSES.get(cls) if bias > 0 else None for cls in CLASSES}
     for cls in CLASSES:
-        home = homes[cls]
+        home = BIASED_CLASSES.get(cls) if bias > 0 else None
         if home is not None:
             # Exact counts rather than Bernoulli draws, so the realised rate is the asked one
             # (to rounding) even on the small size.
@@ -247,13 +246,11 @@ def _plan_train(rng: np.random.Generator, per_class: int, bias: float) -> list[d
     # every digit on "photo" a "three"). Without bias all backgrounds are equally used.
     others_total = sum(counts.values(), np.zeros(n_bg, dtype=int))
     weights = others_total / others_total.sum() if others_total.sum() else np.full(n_bg, 1 / n_bg)
+    exact = weights * per_class
+    control = np.floor(exact).astype(int)
+    control[np.argsort(-(exact - control), kind="stable")[:per_class - int(control.sum())]] += 1
     for cls in CLASSES:
-        if cls not in counts:
-            exact = weights * per_class
-            c = np.floor(exact).astype(int)
-            rest = per_class - int(c.sum())
-            c[np.argsort(-(exact - c), kind="stable")[:rest]] += 1  # largest remainders
-            counts[cls] = c
+        counts.setdefault(cls, control)  # largest remainders, the same for every control
     rows: list[dict[str, Any]] = []
     for cls in CLASSES:
         pool = len(_digit_pools()[cls]["train"])

@@ -298,8 +298,8 @@ def _class_stats(ci: int, label, orig, only_bg, only_fg, mixed, src_label, tier,
                  chance):
     """The figures of one class (output index ``ci``).
 
-    ``label``, ``orig``, ``only_bg``, ``only_fg`` have shape (n,) over the processed images; ``mixed``,
-    ``src_label`` (the label of each draw's background image) and ``tier`` have shape
+    ``label``, ``orig``, ``only_bg``, ``only_fg`` have shape (n,) over the processed images;
+    ``mixed``, ``src_label`` (the label of each draw's background image) and ``tier`` have shape
     (n, draws).
     """
     def rng(k):
@@ -441,8 +441,8 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     dict (JSON-serialisable)
         ``classes`` {name: figures}, ``n_images``, ``n_with_mask``, ``n_skipped``, ``seed``,
         ``n_boot``, ``method``, ``per_image`` (``index``, ``path``, ``label_idx``,
-        ``orig_pred``, ``only_bg_pred``, ``only_fg_pred``; ``mixed_pred``, ``bg_source_index`` and ``pair_tier``
-        of the first draw; ``mixed_pred_all``, ``bg_source_index_all``, ``pair_tier_all`` of
+        ``orig_pred``, ``only_bg_pred``, ``only_fg_pred``; ``mixed_pred``, ``bg_source_index``
+        and ``pair_tier`` of the first draw; ``mixed_pred_all``, ``bg_source_index_all``, ``pair_tier_all`` of
         every draw, shape (n, draws)), ``elapsed_s``; or ``{"skipped": "no masks"}`` when no
         image has a mask. With a ``target``, also ``object_embedding``: ``{"index": (n,),
         "features": (n, channels) float32, "layer": path}`` with numpy arrays (not JSON: pop it
@@ -591,8 +591,8 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         },
         "per_image": {
             "index": index, "path": paths[index], "label_idx": label, "orig_pred": orig,
-            "only_bg_pred": only_bg, "only_fg_pred": only_fg, "mixed_pred": mixed[:, 0], "bg_source_index": src[:, 0],
-            "pair_tier": tier[:, 0], "mixed_pred_all": mixed, "bg_source_index_all": src,
+            "only_bg_pred": only_bg, "only_fg_pred": only_fg, "mixed_pred": mixed[:, 0],
+            "bg_source_index": src[:, 0], "pair_tier": tier[:, 0], "mixed_pred_all": mixed, "bg_source_index_all": src,
             "pair_tier_all": tier,
         },
         "class_names": {str(k): v for k, v in ds.output_names.items()},

@@ -36,8 +36,9 @@ plain rule found 22 of 32 flips on the unbiased model where ``prune_by_class`` f
 **Model view** (images without an embedding), ``confident_learning``. The model's
 probabilities: a scan stores ``label_prob`` (exact) and the top-5 outputs with their
 probabilities, not full vectors. With at most five classes that *is* the full vector. With
-more, the mass missing from the top 5 is spread evenly over the dataset classes outside it -- an upper bound for each of them, and far
-below any threshold ``t_j`` of a class the model can recognise, so it rarely creates an issue.
+more, the mass missing from the top 5 is spread evenly over the dataset classes outside it --
+an upper bound for each of them, and far below any threshold ``t_j`` of a class the model can
+recognise, so it rarely creates an issue.
 As in cleanlab, an image is not an issue when the model's prediction equals its label. Where
 the image has a mask, a candidate is kept only when the Grad-CAM of the *labelled* class is no
 better than chance on the object (``lift_true`` below ``label_max_lift`` = 1): a true label
@@ -45,9 +46,9 @@ leaves its evidence on the object even when the model is fooled by the backgroun
 
 Evidence per image: ``p_given`` / ``p_suggested`` of its view, the model's own
 (``model_p_given`` / ``model_p_suggested``), in the object view the nearest neighbours with the
-suggested label, and the Grad-CAM of the labelled class (``heatmaps_true``) against that of the predicted class:
-under a quarter of its mass (``label_cam_weak``) means the model finds little of the labelled
-class anywhere in the image.
+suggested label, and the Grad-CAM of the labelled class (``heatmaps_true``) against that of the
+predicted class: under a quarter of its mass (``label_cam_weak``) means the model finds little
+of the labelled class anywhere in the image.
 
 Per-image score: ``1 - p_label`` under the view used (higher = more likely mislabelled).
 Findings: one per (labelled class, suggested class) pair, listing its images.
@@ -152,7 +153,7 @@ def prune_by_class(P: np.ndarray, labels: np.ndarray):
     n, K = P.shape
     labels = np.asarray(labels)
     ok = labels >= 0
-    conf_issue, conf_class, t = confident_learning(P, labels)
+    _, conf_class, t = confident_learning(P, labels)
     counts = np.bincount(labels[ok], minlength=K).astype(np.float64)
     C = np.zeros((K, K))
     has = ok & (conf_class >= 0)
@@ -174,8 +175,7 @@ def prune_by_class(P: np.ndarray, labels: np.ndarray):
     bonus[np.flatnonzero(ok), labels[ok]] += 1e-6
     issue &= ok & (bonus.argmax(axis=1) != labels)
     other = np.where(np.arange(K)[None, :] == labels[:, None], -np.inf, P)
-    suggested = np.where(conf_class >= 0, conf_class, other.argmax(axis=1))
-    suggested = np.where(suggested == labels, other.argmax(axis=1), suggested)
+    suggested = np.where((conf_class >= 0) & (conf_class != labels), conf_class, other.argmax(axis=1))
     return issue, suggested, t
 
 
@@ -203,11 +203,11 @@ def knn_probabilities(X: np.ndarray, labels: np.ndarray, n_classes: int, k: int)
     k = max(1, min(int(k), n - 1))
     nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(X)
     _, idx = nn.kneighbors(X)
-    # drop each row itself (exact duplicates may come first in either order)
-    neighbours = np.empty((n, k), np.int64)
-    for i in range(n):
-        row = idx[i][idx[i] != i]
-        neighbours[i] = row[:k]
+    # drop each row itself (exact duplicates may come first in either order); a row whose k + 1
+    # nearest do not include itself keeps its first k
+    keep = idx != np.arange(n)[:, None]
+    keep &= np.cumsum(keep, axis=1) <= k
+    neighbours = idx[keep].reshape(n, k)
     lab = np.asarray(labels)[neighbours]
     P = np.stack([(lab == j).mean(axis=1) for j in range(n_classes)], axis=1)
     return P, neighbours
@@ -233,7 +233,7 @@ class LabelIssue(Detector):
         suggested = np.full(ctx.n, -1)
         t_view = np.full((ctx.n, K), np.nan)  # per image, the thresholds of its view
         view = np.full(ctx.n, "model", dtype=object)
-        neighbours = {}
+        neighbours = None  # (n, k) row positions of each object-view image's look-alikes
 
         obj = self._object_rows(ctx, lab)
         k = int(ctx.options["label_knn"])
@@ -243,7 +243,8 @@ class LabelIssue(Detector):
             iss, sug, t = prune_by_class(P_obj, lab[obj])
             P[obj], issue[obj], suggested[obj], t_view[obj] = P_obj, iss, sug, t
             view[obj] = "object"
-            neighbours = {int(r): obj[nb[i]] for i, r in enumerate(obj)}
+            neighbours = np.full((ctx.n, nb.shape[1]), -1, np.int64)
+            neighbours[obj] = obj[nb]
         rest = np.setdiff1d(np.flatnonzero(lab >= 0), obj)
         gated = np.zeros(ctx.n, bool)
         if rest.size:
@@ -315,7 +316,7 @@ class LabelIssue(Detector):
         e = ctx.object_embedding
         if e is None:
             return np.zeros(0, np.int64)
-        rows = np.flatnonzero(np.isfinite(np.asarray(e, np.float64)).all(axis=1) & (lab >= 0))
+        rows = np.flatnonzero(np.isfinite(e).all(axis=1) & (lab >= 0))
         if rows.size <= int(ctx.options["label_knn"]) or np.unique(lab[rows]).size < 2:
             return np.zeros(0, np.int64)
         return rows
@@ -326,7 +327,7 @@ class LabelIssue(Detector):
               "p_suggested": float(P[i, sj]), "model_p_given": float(P_model[i, gi]),
               "model_p_suggested": float(P_model[i, sj]), "label_cam_ratio": float(ratio[i]),
               "label_cam_weak": bool(ratio[i] < weak_thr)}
-        if i in neighbours:
+        if view[i] == "object":
             nb = neighbours[i]
             ev["nearest_with_suggested_label"] = [str(p) for p in ctx.paths[nb[lab[nb] == sj][:3]]]
         return ev
