@@ -592,8 +592,8 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         "per_image": {
             "index": index, "path": paths[index], "label_idx": label, "orig_pred": orig,
             "only_bg_pred": only_bg, "only_fg_pred": only_fg, "mixed_pred": mixed[:, 0],
-            "bg_source_index": src[:, 0], "pair_tier": tier[:, 0], "mixed_pred_all": mixed, "bg_source_index_all": src,
-            "pair_tier_all": tier,
+            "bg_source_index": src[:, 0], "pair_tier": tier[:, 0], "mixed_pred_all": mixed,
+            "bg_source_index_all": src, "pair_tier_all": tier,
         },
         "class_names": {str(k): v for k, v in ds.output_names.items()},
         "elapsed_s": round(time.perf_counter() - t0, 3),
