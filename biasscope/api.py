@@ -355,17 +355,23 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
                                  preprocess=preprocess, seed=seed, target=target, progress=rep)
         timings["counterfactuals_s"] = time.perf_counter() - t
     object_embedding = _object_embedding(cf, table)
+    occlusion = _occlusion(model, ds, table, info, geometry=geometry, batch_size=batch_size,
+                           preprocess=preprocess, seed=seed, options=detector_options, rep=rep,
+                           timings=timings)
     t = time.perf_counter()
     ctx = Context(table=table, heatmaps=_raw_heatmaps(result.heatmaps, table["cam_max"]),
                   heatmaps_true=_raw_heatmaps(result.heatmaps_true, table["cam_true_max"]),
                   analysis=info, classes=ds.classes, class_index=ds.class_index,
                   attributes=ds.attributes, options=dict(detector_options or {}), counterfactuals=cf,
-                  object_embedding=object_embedding)
+                  object_embedding=object_embedding, occlusion=occlusion)
     findings, status, flags = run_detectors(ctx)
     table["flags"] = flags
     timings["findings_s"] = time.perf_counter() - t
     info["detectors"] = status
     info["counterfactuals"] = cf if cf is not None else {"skipped": "not run" if has_masks else "no masks"}
+    info["occlusion"] = occlusion
+    info["attractors"] = ctx.attractors if ctx.attractors is not None else {
+        "skipped": "counterfactual tests not run"}
     info["timings"] = timings
     found = [f.to_dict() for f in findings]
     summary = summarise(table, found, info)
@@ -380,6 +386,30 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
         with rep.task("writing the report", total=None, unit="step"):
             result.write_report()
     return result
+
+
+def _occlusion(model, ds, table, info, *, geometry, batch_size, preprocess, seed, options, rep,
+               timings) -> dict:
+    """Occlusion tests of the clusters at one spot (:mod:`biasscope.causal`)."""
+    from .causal import plan, summarise
+    from .findings import DEFAULT_OPTIONS
+
+    opts = {**DEFAULT_OPTIONS, **dict(options or {})}
+    H, W, C = geometry
+    tests = plan(info, table, (H, W), opts, seed=seed)
+    if not tests:
+        return {"clusters": {}, "n_tested": 0, "reason": "no cluster attends at one spot"}
+    from .occlusion import run_occlusion
+
+    t = time.perf_counter()
+    res = run_occlusion(model, ds, tests, image_size=(H, W), channels=C, batch_size=batch_size,
+                        preprocess=preprocess, progress=rep)
+    timings["occlusion_s"] = time.perf_counter() - t
+    return {"clusters": summarise(tests, res, table, ds.class_index), "n_tested": len(tests),
+            "fill": res["fill"], "n_pairs": res["n_pairs"],
+            "method": ("the cluster's hot spot (cells holding half of its mean heatmap, grown by "
+                       "one cell) replaced by the image's mean colour, on its members and on up "
+                       "to 128 images predicted as other classes (controls)")}
 
 
 def _object_embedding(cf, table: pd.DataFrame) -> np.ndarray | None:

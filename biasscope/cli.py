@@ -76,9 +76,36 @@ def scan(
                           fail_on=fail_on or (), report=report)
     except BiasscopeError as exc:
         _fail(exc)
+    _print_verdict(result)
     _print_summary(result)
     _print_findings(result)
     _exit_on_gates(result)
+
+
+def _print_verdict(result) -> None:
+    """The verdict of :func:`biasscope.summary.verdict`, as stored in the summary: the status,
+    then one line per root cause (or the headline when there is none). Nothing for a scan
+    whose summary predates the verdict."""
+    v = (getattr(result, "summary", None) or {}).get("verdict")
+    if not isinstance(v, dict) or not v.get("status"):
+        return
+    status = str(v["status"])
+    colour = {"shortcut": "red", "review": "yellow", "clean": "green"}.get(status, "white")
+    roots = v.get("root_causes") or []
+    if roots:
+        n = int(v.get("n_root_causes") or len(roots))
+        more = f", {len(roots)} shown" if n > len(roots) else ""
+        head = f"{n} root cause{'s' if n != 1 else ''}{more}"
+    else:
+        head = str(v.get("line") or "")
+    out_console.print(f"[bold]verdict:[/] [bold {colour}]{escape(status)}[/]" + (f" - {escape(head)}" if head else ""),
+                      highlight=False, soft_wrap=True)
+    for rc in roots:
+        out_console.print(f"  [red]{float(rc.get('severity') or 0.0):.2f}[/]  {escape(str(rc.get('kind')))}  "
+                          f"{escape(str(rc.get('line')))}", highlight=False, soft_wrap=True)
+    if v.get("n_explained"):
+        out_console.print(f"  [dim]{int(v['n_explained'])} finding(s) explained by another finding[/]",
+                          highlight=False)
 
 
 def _print_findings(result, top: int = 10) -> None:
@@ -162,6 +189,7 @@ def demo(
     except BiasscopeError as exc:
         _fail(exc)
     ev = res["truth_eval"]
+    _print_verdict(res["scan"])
     _print_summary(res["scan"], report_line=False)
     table = Table(title="the demo model against the benchmark's ground truth", show_header=False,
                   title_justify="left")

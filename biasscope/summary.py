@@ -26,7 +26,7 @@ from biasscope.analysis import infer_attributes, to_jsonable
 from biasscope.errors import BiasscopeError
 from biasscope.findings import BANDS, REGISTRY, severity_band  # registers every detector
 
-__all__ = ["summarise", "evaluate_gates", "BANDS"]
+__all__ = ["summarise", "evaluate_gates", "verdict", "BANDS", "SHORTCUT_KINDS"]
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
         "==": operator.eq, "!=": operator.ne}
@@ -39,13 +39,106 @@ def _as_dict(f) -> dict:
     return f.to_dict() if hasattr(f, "to_dict") else dict(f)
 
 
-#: Documented kinds produced outside the detector registry (``background_reliance`` needs the
-#: model): a gate on them is valid even when this scan has none.
-EXTRA_KINDS = ("background_reliance",)
+#: Documented kinds that may be produced outside the detector registry (``background_reliance``
+#: needs the model) or whose detector may not be registered in this build
+#: (``spurious_feature``): a gate on them is valid even when this scan has none.
+EXTRA_KINDS = ("background_reliance", "spurious_feature")
+
+#: Finding kinds that name a shortcut, i.e. a reason the model is right (or wrong) for the wrong
+#: reason; the verdict's root causes are drawn from these.
+SHORTCUT_KINDS = ("spurious_feature", "clever_hans_cluster", "spurious_background", "background_reliance")
+
+#: Root causes listed in the verdict, at most.
+MAX_ROOT_CAUSES = 5
+#: Severity from which a finding that is not a root cause still asks for a review.
+REVIEW_SEVERITY = 0.7
 
 
 def _known_kinds() -> list[str]:
-    return [cls.kind for cls in REGISTRY.values()] + [k for k in EXTRA_KINDS if k not in REGISTRY]
+    """Every known kind once: the registered detectors' kinds, then :data:`EXTRA_KINDS` (a
+    detector registered later under one of those kinds is not listed twice)."""
+    return list(dict.fromkeys([cls.kind for cls in REGISTRY.values()] + list(EXTRA_KINDS)))
+
+
+def _explained_by(f: dict) -> list[str]:
+    """The ids in ``evidence["explained_by"]`` (a list, or one id as a string); [] if none."""
+    ev = f.get("evidence")
+    eb = ev.get("explained_by") if isinstance(ev, dict) else None
+    if eb is None or eb == "":
+        return []
+    if isinstance(eb, str):
+        return [eb]
+    try:
+        return [str(x) for x in eb if x is not None and str(x) != ""]
+    except TypeError:
+        return [str(eb)]
+
+
+def _sentence(f: dict) -> str:
+    """One sentence for a finding: ``evidence["verdict_line"]`` when it has one, else its title."""
+    ev = f.get("evidence")
+    line = ev.get("verdict_line") if isinstance(ev, dict) else None
+    if isinstance(line, str) and line.strip():
+        return " ".join(line.split())
+    return " ".join(str(f.get("title") or f.get("id") or "").split())
+
+
+def verdict(findings, *, min_severity: float = 0.5) -> dict:
+    """The scan's verdict: which shortcut findings are root causes, in one headline.
+
+    Pure: reads only the findings (``Finding`` objects or their stored dicts).
+
+    Parameters
+    ----------
+    findings : list of Finding or of dicts
+    min_severity : float in [0, 1]
+        A shortcut finding is a root cause from this severity on.
+
+    Returns
+    -------
+    dict (JSON-serialisable)
+        ``status``: ``"shortcut"`` (at least one root cause), ``"review"`` (none, but some
+        finding has severity >= 0.7) or ``"clean"``; ``line``: a one-sentence headline;
+        ``root_causes``: up to 5 ``{id, kind, class, severity, line}``, highest severity first,
+        drawn from findings whose kind is in :data:`SHORTCUT_KINDS`, with severity >=
+        ``min_severity`` and no non-empty ``evidence["explained_by"]`` (``line`` is the
+        finding's ``evidence["verdict_line"]`` when present, else its title);
+        ``n_root_causes``: how many qualified (the list is capped); ``n_explained``: findings
+        that another finding explains; ``n_review``: findings at severity >= 0.7 that are not
+        root causes; ``min_severity``.
+    """
+    try:
+        thr = float(min_severity)
+    except (TypeError, ValueError):
+        raise BiasscopeError(f"verdict: min_severity must be a number in [0, 1], got {min_severity!r}") from None
+    if not (math.isfinite(thr) and 0.0 <= thr <= 1.0):
+        raise BiasscopeError(f"verdict: min_severity must be in [0, 1], got {min_severity!r}")
+    fs = [_as_dict(f) for f in findings or []]
+    explained = [f for f in fs if _explained_by(f)]
+    roots = [f for f in fs if f.get("kind") in SHORTCUT_KINDS and float(f["severity"]) >= thr
+             and not _explained_by(f)]
+    roots.sort(key=lambda f: (-float(f["severity"]), str(f.get("kind")), str(f.get("id"))))
+    root_ids = {f.get("id") for f in roots}
+    review = [f for f in fs if float(f["severity"]) >= REVIEW_SEVERITY and f.get("id") not in root_ids]
+    shown = [{"id": f.get("id"), "kind": f.get("kind"), "class": f.get("class"),
+              "severity": float(f["severity"]), "line": _sentence(f)} for f in roots[:MAX_ROOT_CAUSES]]
+    if shown:
+        status = "shortcut"
+        n = len(roots)
+        parts = [r["line"].rstrip(" .;") for r in shown]
+        if n > len(shown):
+            parts.append(f"and {n - len(shown)} more")
+        line = f"{n} root cause{'s' if n != 1 else ''}: " + "; ".join(parts)
+    elif review:
+        status = "review"
+        line = (f"no shortcut found at severity >= {thr:g}; {len(review)} finding"
+                f"{'s' if len(review) != 1 else ''} at severity >= {REVIEW_SEVERITY:g} to review")
+    else:
+        status = "clean"
+        line = f"no shortcut found at severity >= {thr:g}"
+    return to_jsonable({"status": status, "line": line, "root_causes": shown,
+                        "n_root_causes": len(roots), "n_explained": len(explained),
+                        "n_review": len(review), "min_severity": thr})
 
 
 def _worst_group(table: pd.DataFrame, attributes) -> tuple[float | None, dict | None]:
@@ -90,7 +183,8 @@ def summarise(table: pd.DataFrame, findings, analysis: dict | None = None) -> di
         ``n``, ``n_classes``, ``accuracy``, ``worst_group_acc``, ``worst_group`` (which group),
         ``mean_inside_frac`` (None without masks), ``n_with_mask``, ``n_findings``,
         ``max_severity``, ``findings_by_kind`` (every known kind, 0 included),
-        ``findings_by_severity`` (``high`` >= 0.7, ``medium`` >= 0.4, ``low``).
+        ``findings_by_severity`` (``high`` >= 0.7, ``medium`` >= 0.4, ``low``), ``verdict``
+        (:func:`verdict` of the findings: status, headline, root causes).
     """
     analysis = analysis or {}
     if not isinstance(table, pd.DataFrame) or "correct" not in table.columns or "label" not in table.columns:
@@ -122,6 +216,7 @@ def summarise(table: pd.DataFrame, findings, analysis: dict | None = None) -> di
         "max_severity": max((float(f["severity"]) for f in fs), default=0.0),
         "findings_by_kind": by_kind,
         "findings_by_severity": by_band,
+        "verdict": verdict(fs),
     })
 
 

@@ -25,7 +25,40 @@ def test_scan_prints_summary_and_writes_result(image_set, cnn_path, tmp_path):
     r = runner.invoke(app, ["scan", str(cnn_path), str(image_set), "--out", str(out), "--batch-size", "4"])
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output and "mean inside_frac" in r.output and f"result: {out}" in r.output
+    assert "verdict: " in r.output and r.output.index("verdict: ") < r.output.index("biasscope scan")
     assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+
+
+def _result(summary, findings=()):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(summary=summary, findings=list(findings), analysis={})
+
+
+def test_verdict_block_prints_root_causes_and_nothing_for_old_scans(capsys):
+    from biasscope.cli import _print_findings, _print_verdict
+    from biasscope.summary import verdict
+
+    fs = [{"id": "spurious_feature/0", "kind": "spurious_feature", "class": "seven", "cluster": None,
+           "severity": 0.91, "title": "a feature pulls predictions to 'seven'",
+           "evidence": {"verdict_line": "'seven' is predicted from [red]a corner patch[/]"}},
+          {"id": "background_reliance/1", "kind": "background_reliance", "class": "seven",
+           "cluster": None, "severity": 0.8, "title": "'seven' relies on backgrounds",
+           "evidence": {"explained_by": ["spurious_feature/0"]}}]
+    res = _result({"verdict": verdict(fs)}, fs)
+    _print_verdict(res)
+    _print_findings(res)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "verdict: shortcut - 1 root cause"
+    assert lines[1].split() == ["0.91", "spurious_feature", "'seven'", "is", "predicted", "from",
+                                "[red]a", "corner", "patch[/]"]  # rich markup in a line is escaped
+    assert "1 finding(s) explained by another finding" in lines[2]
+    assert "top findings" in lines[3]
+    _print_verdict(_result({"verdict": verdict([])}))
+    assert capsys.readouterr().out.strip() == "verdict: clean - no shortcut found at severity >= 0.5"
+    _print_verdict(_result({"accuracy": 0.9}))  # a summary from before the verdict
+    _print_verdict(_result({}))
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -334,6 +334,82 @@ def test_report_without_masks_shows_entropy_instead(small_scan):
     assert '<option value="inside_frac">' not in html
 
 
+@pytest.fixture(scope="module")
+def stored_scan(tmp_path_factory):
+    """A small stored scan without a model (60 generated images, 3 classes): fast."""
+    return make_synthetic_scan(tmp_path_factory.mktemp("stored"), 60, n_classes=3, size=32)
+
+
+def _hand_made_findings():
+    def fd(i, kind, sev, cls, title, **evidence):
+        return {"id": f"{kind}/class={cls}/{i}", "kind": kind, "scope": "class", "class": cls,
+                "cluster": None, "group": None, "severity": sev, "title": title, "evidence": evidence,
+                "examples": []}
+
+    root = fd(0, "spurious_feature", 0.91, XSS_CLASS, f"a feature pulls predictions to {XSS_CLASS}",
+              verdict_line=f"'{XSS_CLASS}' is predicted from a corner patch <b>x</b>")
+    return [
+        root,
+        fd(1, "background_reliance", 0.85, XSS_CLASS, f"'{XSS_CLASS}' is predicted from backgrounds",
+           explained_by=[root["id"]]),
+        fd(2, "misclassified", 0.8, "class_01", "4 of 20 'class_01' images misclassified (20%)"),
+        fd(3, "spurious_background", 0.6, "class_02", "'class_02' attends off the object"),
+        fd(4, "label_issue", 0.3, "class_00", "2 image(s) labelled 'class_00' look like 'class_01'",
+           explained_by=["no-such-finding"]),
+    ]
+
+
+def _section(html, name):
+    start = html.index(f'<section id="{name}"')
+    return html[start:html.index("</section>", start)]
+
+
+def test_verdict_leads_the_summary_card_and_links_root_causes(stored_scan):
+    from markupsafe import escape
+
+    from biasscope.summary import verdict
+
+    scan = load(stored_scan)
+    scan.findings = _hand_made_findings()
+    scan.summary["verdict"] = verdict(scan.findings)
+    html = render_html(scan, thumbnails=False)
+    assert XSS_CLASS not in html and "<b>x</b>" not in html  # escaped everywhere
+    card = _section(html, "summary")
+    assert card.index('id="verdict"') < card.index('class="kpis"')  # the verdict comes first
+    v = card[card.index('id="verdict"'):card.index('class="kpis"')]
+    assert '<span class="pill pill-high">shortcut</span>' in v and "2 root causes" in v
+    line0 = escape(f"'{XSS_CLASS}' is predicted from a corner patch <b>x</b>")  # verdict_line
+    line1 = escape("'class_02' attends off the object")  # no verdict_line: the title
+    assert f'<a class="rc-link" href="#finding-0">{line0}</a>' in v
+    assert f'<a class="rc-link" href="#finding-3">{line1}</a>' in v
+    assert v.index(line0) < v.index(line1)  # highest severity first
+    assert "background_reliance" not in v and "misclassified" not in v  # explained; not a shortcut
+    assert "2 findings explained by another finding" in v
+    # the anchors are the findings' sections; explained findings link to their root cause
+    findings = _section(html, "findings")
+    assert '<details class="finding band-high" id="finding-0"' in findings
+    assert '<details class="finding band-medium" id="finding-3" data-band="medium" open>' in findings
+    title0 = escape(f"a feature pulls predictions to {XSS_CLASS}")
+    assert f'explained by: <a href="#finding-0">{title0}</a>' in findings
+    assert "explained by: <span title=\"no finding with this id in the scan\">no-such-finding</span>" in findings
+    assert findings.count('<span class="pill pill-high">root cause</span>') == 2
+    assert "<dt>explained_by</dt>" not in findings  # shown as links, not as an evidence cell
+
+
+def test_verdict_of_a_scan_without_one_and_of_a_clean_scan(stored_scan):
+    scan = load(stored_scan)
+    assert scan.summary["verdict"]["status"] in ("shortcut", "review", "clean")  # summarise wrote it
+    scan.findings = _hand_made_findings()
+    del scan.summary["verdict"]  # a scan from before the verdict: computed from its findings
+    v = _section(render_html(scan, thumbnails=False), "summary")
+    assert "2 root causes" in v and 'href="#finding-0"' in v
+    scan.findings = [f for f in _hand_made_findings() if f["kind"] == "label_issue"]
+    scan.summary = {}
+    v = _section(render_html(scan, thumbnails=False), "summary")
+    assert '<span class="pill pill-ok">clean</span>' in v
+    assert "no shortcut found at severity &gt;= 0.5" in v and "root-causes" not in v
+
+
 def test_write_report_refuses_a_directory_as_output(small_scan, tmp_path):
     with pytest.raises(BiasscopeError, match="is a directory"):
         write_report(small_scan, tmp_path)

@@ -10,7 +10,7 @@ import pytest
 
 from biasscope.errors import BiasscopeError
 from biasscope.findings import REGISTRY, Finding
-from biasscope.summary import evaluate_gates, summarise
+from biasscope.summary import SHORTCUT_KINDS, evaluate_gates, summarise, validate_gates, verdict
 
 
 def table(attrs=True, masks=True):
@@ -172,3 +172,106 @@ def test_end_to_end_from_a_scan_object(tmp_path):
                 "status": status, "flags": flags, "gates": gates}, allow_nan=False)
     assert [f.class_ for f in findings if f.kind == "spurious_background"] == ["a"]
     assert [g["tripped"] for g in gates] == [True, True, False]
+
+
+# ----------------------------------------------------------------------------------------------
+# the verdict
+# ----------------------------------------------------------------------------------------------
+
+
+def g(kind, sev, i=0, cls="a", title=None, **evidence):
+    return {"id": f"{kind}/{i}", "kind": kind, "scope": "class", "class": cls, "cluster": None,
+            "group": None, "severity": sev, "title": title or f"{kind} {i}", "evidence": evidence,
+            "examples": []}
+
+
+def test_shortcut_kinds_are_exported():
+    assert SHORTCUT_KINDS == ("spurious_feature", "clever_hans_cluster", "spurious_background",
+                              "background_reliance")
+
+
+def test_verdict_picks_unexplained_shortcut_findings_highest_first():
+    fs = [g("misclassified", 0.95, 0),  # not a shortcut kind: never a root cause
+          g("spurious_background", 0.6, 1, cls="seven"),
+          g("spurious_feature", 0.9, 2, cls="seven",
+            verdict_line="'seven' is predicted from the red corner patch"),
+          g("background_reliance", 0.8, 3, cls="seven", explained_by=["spurious_feature/2"]),
+          g("clever_hans_cluster", 0.7, 4, cls="one", explained_by=[]),  # empty: not explained
+          g("clever_hans_cluster", 0.49, 5)]  # below the threshold
+    v = verdict(fs)
+    json.dumps(v, allow_nan=False)
+    assert v["status"] == "shortcut"
+    assert [r["id"] for r in v["root_causes"]] == ["spurious_feature/2", "clever_hans_cluster/4",
+                                                   "spurious_background/1"]
+    top = v["root_causes"][0]
+    assert top == {"id": "spurious_feature/2", "kind": "spurious_feature", "class": "seven",
+                   "severity": 0.9, "line": "'seven' is predicted from the red corner patch"}
+    assert v["root_causes"][1]["line"] == "clever_hans_cluster 4"  # no verdict_line: the title
+    assert v["n_explained"] == 1 and v["n_root_causes"] == 3
+    assert v["line"] == ("3 root causes: 'seven' is predicted from the red corner patch; "
+                         "clever_hans_cluster 4; spurious_background 1")
+
+
+def test_verdict_threshold_and_cap():
+    sevs = [0.3, 0.35, 0.4, 0.45, 0.49, 0.5, 0.55, 0.6, 0.65, 0.75]
+    fs = [g("clever_hans_cluster", sev, i) for i, sev in enumerate(sevs)]
+    v = verdict(fs)
+    assert v["n_root_causes"] == 5 and len(v["root_causes"]) == 5  # 0.5 (inclusive) .. 0.75
+    assert [r["severity"] for r in v["root_causes"]] == [0.75, 0.65, 0.6, 0.55, 0.5]
+    assert not v["line"].endswith("more")
+    v = verdict(fs, min_severity=0.4)
+    assert v["n_root_causes"] == 8 and len(v["root_causes"]) == 5 and v["line"].endswith("; and 3 more")
+    assert verdict(fs, min_severity=0.75)["n_root_causes"] == 1
+    assert verdict(fs, min_severity=0.8)["status"] == "review"  # 0.75 >= 0.7 still asks for a look
+    with pytest.raises(BiasscopeError, match="min_severity"):
+        verdict(fs, min_severity=1.5)
+
+
+def test_verdict_status_review_clean_and_empty():
+    v = verdict([g("misclassified", 0.7), g("clever_hans_cluster", 0.4, 1)])
+    assert v["status"] == "review" and v["root_causes"] == []
+    assert v["line"].startswith("no shortcut found at severity >= 0.5") and "1 finding" in v["line"]
+    # an explained shortcut finding is not a root cause, but its severity still asks for review
+    v = verdict([g("spurious_background", 0.9, explained_by=["label_issue/7"])])
+    assert v["status"] == "review" and v["n_explained"] == 1
+    v = verdict([g("misclassified", 0.69), g("spurious_background", 0.2, 1)])
+    assert v["status"] == "clean" and v["line"] == "no shortcut found at severity >= 0.5"
+    assert verdict([]) == {"status": "clean", "line": "no shortcut found at severity >= 0.5",
+                           "root_causes": [], "n_root_causes": 0, "n_explained": 0, "n_review": 0,
+                           "min_severity": 0.5}
+
+
+def test_verdict_reads_finding_objects_and_is_in_the_summary():
+    v = verdict(FINDINGS)  # spurious_background 0.82, a Finding object
+    assert v["status"] == "shortcut" and [r["id"] for r in v["root_causes"]] == ["spurious_background/0"]
+    assert v["line"] == "1 root cause: t"
+    s = summarise(table(), FINDINGS, {"attributes": ["background"]})
+    assert s["verdict"] == v
+    assert summarise(table(), [], {})["verdict"]["status"] == "clean"
+
+
+def test_spurious_feature_is_a_valid_gate_before_its_detector_exists(monkeypatch):
+    for name in [k for k, cls in REGISTRY.items() if cls.kind == "spurious_feature"]:
+        monkeypatch.delitem(REGISTRY, name)  # as before its detector was registered
+    summary = summarise(table(), FINDINGS, {"attributes": ["background"]})
+    (gate,) = evaluate_gates(["spurious_feature"], summary, FINDINGS)
+    assert gate["tripped"] is False and summary["findings_by_kind"]["spurious_feature"] == 0
+    validate_gates(["spurious_feature", "spurious_feature>=1"])
+    (gate,) = evaluate_gates(["spurious_feature"], summary, FINDINGS + [f("spurious_feature", 0.9, 9)])
+    assert gate["tripped"] is True
+
+
+def test_a_detector_registered_later_for_an_extra_kind_is_listed_once(monkeypatch):
+    from biasscope import findings
+    from biasscope.summary import _known_kinds
+
+    class Fake(findings.Detector):
+        name, kind, scope, description = "spurious_feature_v2", "spurious_feature", "class", "test"
+
+        def run(self, ctx):  # pragma: no cover - never run
+            return findings.DetectorResult()
+
+    monkeypatch.setitem(REGISTRY, Fake.name, Fake)
+    kinds = _known_kinds()
+    assert kinds.count("spurious_feature") == 1 and kinds.count("background_reliance") == 1
+    assert summarise(table(), [], {})["findings_by_kind"]["spurious_feature"] == 0

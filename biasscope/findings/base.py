@@ -76,6 +76,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # when the labelled class's CAM has a lift on the object below this (1 = chance level);
     # images without a mask are not gated.
     "label_max_lift": 1.0,
+    # label_issue, object view: an issue needs at most this share of the object's look-alikes
+    # to carry its label (1 of 20 neighbours) ...
+    "label_max_share": 0.05,
+    # ... and below this leave-one-out agreement of the kNN with the labels
+    # the view is unreliable and the model's prediction must confirm an issue too.
+    "label_min_agreement": 0.85,
     # label_issue: the labelled class's CAM is "weak" below this share of the predicted one's.
     "label_cam_weak": 0.25,
     # background_reliance and the counterfactual backing of spurious_background: a BG-gap
@@ -90,6 +96,21 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # (the transplant rate's must exceed chance), and both must exceed the rate on other
     # classes' backgrounds (a model's default guess on empty images is not a shortcut).
     "background_only_bg_margin": 0.1,
+    # spurious_feature: the attraction to a class (share of other classes' objects predicted
+    # as it on backgrounds the model reads as it, minus the share on other backgrounds) needs a
+    # lower CI bound of at least feature_min_attraction, a rate on the featured backgrounds of
+    # at least feature_min_rate, and feature_min_backgrounds featured background images.
+    "feature_min_attraction": 0.15,
+    "feature_min_rate": 0.2,
+    "feature_min_backgrounds": 20,
+    # root cause first: a finding is explained by an attractor when at least this share of
+    # its errors (or flips) went to the attractor's class on backgrounds read as that class.
+    "explained_min_share": 0.5,
+    # clever_hans_cluster with occlusion: the cluster's predictions change when its hot spot
+    # is occluded (lower CI bound of the change rate at least occlusion_min_change, and at
+    # least occlusion_min_excess above the change rate of other images occluded there).
+    "occlusion_min_change": 0.3,
+    "occlusion_min_excess": 0.2,
     # Paths listed per finding.
     "max_examples": 10,
 }
@@ -221,6 +242,10 @@ class Context:
         Per image, the model's embedding of the object alone (the target layer's mean
         activation on the Only-FG image of the counterfactual pass); NaN rows for images
         without one. Read by ``label_issue``.
+    occlusion : dict, optional
+        Occlusion tests of heatmap clusters' hot spots (:func:`biasscope.api` runs them with
+        the model): ``{"clusters": {cluster id: figures}}``; read by ``clever_hans_cluster``
+        and ``label_issue``.
     """
 
     table: pd.DataFrame
@@ -233,6 +258,7 @@ class Context:
     options: dict = field(default_factory=dict)
     counterfactuals: dict | None = None
     object_embedding: np.ndarray | None = None
+    occlusion: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.table, pd.DataFrame):
@@ -295,6 +321,32 @@ class Context:
     @property
     def n(self) -> int:
         return len(self.table)
+
+    @functools.cached_property
+    def attractors(self) -> dict | None:
+        """:func:`biasscope.attractors.attractor_stats` of the counterfactual pass (None
+        without one), computed once per context."""
+        from biasscope.attractors import attractor_stats
+
+        cf = self.counterfactuals
+        if not cf or cf.get("skipped"):
+            return None
+        attrs = {}
+        if "index" in self.table.columns:
+            idx = self.table["index"].to_numpy(np.int64)
+            for a in self.attributes or []:
+                if a in self.table.columns:
+                    attrs[a] = dict(zip(idx.tolist(), self.table[a].astype(str).tolist()))
+        names = {c: int(self.class_index[c]) for c in self.classes}
+        return attractor_stats(cf, names, attributes=attrs, seed=int(cf.get("seed", 0)),
+                               n_boot=int(cf.get("n_boot", 1000)) or 1000,
+                               max_examples=int(self.options["max_examples"]))
+
+    def row_of_index(self) -> dict:
+        """Dataset index (the table's ``index`` column) -> table row position."""
+        if "index" not in self.table.columns:
+            return {i: i for i in range(self.n)}
+        return {int(v): i for i, v in enumerate(self.table["index"].to_numpy(np.int64))}
 
     def col(self, name: str) -> np.ndarray:
         """A numeric column as float64 (NaN for missing values, all NaN if absent)."""
@@ -475,4 +527,8 @@ def run_detectors(ctx: Context, names=None):
     if len(set(ids)) != len(ids):
         raise InvariantError("two detectors returned findings with the same id")
     findings.sort(key=lambda f: (-f.severity, f.kind, f.id))
+    if names is None:  # the whole registry ran: one finding per (class, cause), roots first
+        from .rootcause import consolidate
+
+        findings = consolidate(ctx, findings)
     return findings, status, per_image

@@ -29,7 +29,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from biasscope.causal import is_causal
+
 from .base import Context, Detector, DetectorResult, register
+
+
+def _line(c: str, cen: dict, occ: dict, size: int) -> str:
+    from .spurious_feature import _place
+
+    moved = ", ".join(f"'{k}' {v}" for k, v in list(occ.get("moved_to", {}).items())[:3])
+    line = (f"'{c}' is predicted from something at {_place(cen.get('x', 0.5), cen.get('y', 0.5))} "
+            f"of the image: hiding it changes {occ['changed_rate']:.0%} of {size} such "
+            f"predictions")
+    if occ.get("n_wrong"):
+        line += f", and {occ['n_repaired']} of {occ['n_wrong']} mistakes among them come back to their label"
+    return line + (f" (new predictions: {moved})" if moved else "")
 
 
 @register
@@ -48,6 +62,7 @@ class CleverHansCluster(Detector):
             class_n[cl["class"]] = class_n.get(cl["class"], 0) + int(cl["size"])
         n_clusters = {c: sum(1 for cl in clusters if cl["class"] == c) for c in class_n}
         member = self._cluster_column(ctx)
+        occlusion = (ctx.occlusion or {}).get("clusters") or {}
         flags = np.zeros(ctx.n, bool)
         findings = []
         for cl in clusters:
@@ -56,9 +71,15 @@ class CleverHansCluster(Detector):
             min_size = max(int(o["cluster_min_size"]), o["cluster_min_share"] * class_n[c])
             m_if, rest_if = cl.get("mean_inside_frac"), cl.get("rest_mean_inside_frac")
             has_masks = (cl.get("n_with_mask") or 0) >= 3 and m_if is not None
-            if (n_clusters[c] < 2 and not has_masks) or size < min_size:
+            occ = occlusion.get(str(cl["id"]))
+            causal, occ_strength = is_causal(
+                occ, o, off_object=has_masks and m_if < o["off_object_inside"])
+            if (n_clusters[c] < 2 and not has_masks and not causal) or size < min_size:
                 continue
             strength, reasons = 0.0, []
+            if causal:
+                strength = max(strength, occ_strength)
+                reasons.append("occlusion")
             if has_masks and rest_if is not None and m_if < o["off_object_inside"] \
                     and rest_if - m_if >= o["cluster_inside_gap"]:
                 strength = max(strength, min(1.0, (rest_if - m_if) / 0.4))
@@ -68,7 +89,9 @@ class CleverHansCluster(Detector):
             on_object = has_masks and m_if >= o["off_object_inside"]
             one_spot = None not in (hot, rest_mass, jitter) and hot <= o["cluster_hot_area"] \
                 and jitter <= o["cluster_jitter"] and not on_object
-            if one_spot and rest_mass <= o["cluster_rest_mass"]:
+            if one_spot and causal:
+                reasons.append("fixed_location")
+            elif one_spot and rest_mass <= o["cluster_rest_mass"]:
                 strength = max(strength, min(1.0, (0.5 - rest_mass) / 0.5))
                 reasons.append("fixed_location")
             elif one_spot and has_masks:
@@ -84,16 +107,27 @@ class CleverHansCluster(Detector):
             where = " and ".join(
                 ["off the object"] * ("off_object" in reasons)
                 + [f"at one spot (x={cen['x']:.2f}, y={cen['y']:.2f})"] * ("fixed_location" in reasons))
+            # causal evidence stands on its own; attention alone is weighted by the share
+            weight = 1.0 if causal else 0.5 + 0.5 * min(1.0, share / 0.25)
+            title = f"{size} predictions of '{c}' ({share:.0%}) attend {where}"
+            ev_occ = None
+            if occ is not None:
+                ev_occ = {k: v for k, v in occ.items() if k not in ("index", "changed")}
+            if causal:
+                title += (f"; hiding that spot changes {occ['changed_rate']:.0%} of them "
+                          f"(vs {occ.get('control_changed_rate') or 0:.0%} of other images)")
             findings.append(self.finding(
-                severity=strength * (0.5 + 0.5 * min(1.0, share / 0.25)),
-                title=f"{size} predictions of '{c}' ({share:.0%}) attend {where}",
+                severity=strength * weight,
+                title=title,
                 class_=c, cluster=int(cl["id"]),
                 evidence={"reasons": reasons, "size": size, "share_of_class": share,
                           "accuracy": cl.get("accuracy"), "mean_inside_frac": m_if,
                           "rest_mean_inside_frac": rest_if, "mean_lift": cl.get("mean_lift"),
                           "centroid": cen, "spread": cl.get("spread"), "hot_area": hot,
                           "centroid_jitter": jitter,
-                          "rest_mass_in_hot": rest_mass, "mean_heatmap": cl.get("mean_heatmap")},
+                          "rest_mass_in_hot": rest_mass, "mean_heatmap": cl.get("mean_heatmap"),
+                          "occlusion": ev_occ,
+                          **({"verdict_line": _line(c, cen, occ, size)} if causal else {})},
                 examples=list(cl.get("examples", []))[: int(o["max_examples"])],
             ))
         return DetectorResult(flags=flags if member is not None else None, findings=findings)

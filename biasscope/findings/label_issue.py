@@ -237,10 +237,29 @@ class LabelIssue(Detector):
 
         obj = self._object_rows(ctx, lab)
         k = int(ctx.options["label_knn"])
+        fg_pred = self._only_fg_positions(ctx)
+        pred_pos = np.array([pos.get(c, -1) for c in ctx.strings("pred")])
+        explained = self._explained(ctx)
+        agreement = None
         if obj.size:
             X = embed_for_knn(ctx.object_embedding[obj])
             P_obj, nb = knn_probabilities(X, lab[obj], K, k)
-            iss, sug, t = prune_by_class(P_obj, lab[obj])
+            _, sug, t = prune_by_class(P_obj, lab[obj])
+            lo = lab[obj]
+            p_given = P_obj[np.arange(obj.size), lo]
+            # How far the object view can be trusted: the share of objects whose look-alikes
+            # mostly carry their own label (leave-one-out). A model that learnt a shortcut may
+            # embed shapes poorly; below the floor the model's prediction must confirm too.
+            agreement = float(np.mean(P_obj.argmax(axis=1) == lo))
+            # An issue: at most label_max_share of the object's look-alikes carry its label,
+            # and the model reading the object alone (Only-FG) does not say the label either.
+            # A correctly labelled but unusual object is usually still read as its label.
+            iss = (p_given <= float(ctx.options["label_max_share"]) + 1e-9) & (fg_pred[obj] != lo)
+            if agreement < float(ctx.options["label_min_agreement"]):
+                iss &= (pred_pos[obj] != lo) & ~explained[obj]
+            fg_sug = (fg_pred[obj] >= 0) & (fg_pred[obj] != lo)
+            sug = np.where(fg_sug & (P_obj[np.arange(obj.size), np.maximum(fg_pred[obj], 0)] > 0),
+                           fg_pred[obj], sug)
             P[obj], issue[obj], suggested[obj], t_view[obj] = P_obj, iss, sug, t
             view[obj] = "object"
             neighbours = np.full((ctx.n, nb.shape[1]), -1, np.int64)
@@ -250,6 +269,13 @@ class LabelIssue(Detector):
         if rest.size:
             iss, sug, t = confident_learning(P_model[rest], lab[rest])
             iss &= ~ctx.correct[rest]  # cleanlab: never an issue when the model agrees
+            iss &= ~explained[rest]  # a shortcut's victim, not a wrong label
+            # a class the model recognises only through a shortcut (hiding a Clever-Hans
+            # cluster's spot changes most of its predictions): the model's probabilities say
+            # nothing about whether an image labelled so is one
+            blind = self._shortcut_only_classes(ctx)
+            if blind:
+                iss &= ~np.isin(lab[rest], [pos[c] for c in blind if c in pos])
             issue[rest], suggested[rest], t_view[rest] = iss, sug, t
             # Attention gate (where the image has a mask): a wrong label leaves the labelled
             # class without evidence on the object, while a shortcut mistake (an object of
@@ -307,7 +333,77 @@ class LabelIssue(Detector):
                           "images": per_image},
                 examples=ctx.examples(rows, order=margin),
             ))
+        n_expl = int((explained & (lab >= 0)).sum())
+        for f in findings:
+            f.evidence["object_view_agreement"] = agreement
+            f.evidence["n_explained_by_shortcut_excluded"] = n_expl
         return DetectorResult(scores=scores, flags=issue, findings=findings)
+
+    @staticmethod
+    def _shortcut_only_classes(ctx: Context) -> list:
+        """Classes with a causal Clever-Hans cluster (:func:`biasscope.causal.is_causal`) whose
+        spot, hidden, changes at least half of all the class's tested predictions."""
+        from biasscope.causal import is_causal
+
+        out = []
+        clusters = {str(cl["id"]): cl for cl in ctx.analysis.get("clusters") or []}
+        for cid, t in ((ctx.occlusion or {}).get("clusters") or {}).items():
+            cl = clusters.get(str(cid))
+            if cl is None or not t.get("changed"):
+                continue
+            off = cl.get("mean_inside_frac") is not None and \
+                cl["mean_inside_frac"] < float(ctx.options["off_object_inside"])
+            if is_causal(t, ctx.options, off_object=off)[0] and np.mean(t["changed"]) >= 0.5:
+                out.append(cl["class"])
+        return sorted(set(out))
+
+    @staticmethod
+    def _only_fg_positions(ctx: Context) -> np.ndarray:
+        """Per table row, the class position of the Only-FG prediction (-1 where none)."""
+        out = np.full(ctx.n, -1, np.int64)
+        cf = ctx.counterfactuals or {}
+        pi = cf.get("per_image") or {}
+        if not pi.get("index") or "only_fg_pred" not in pi:
+            return out
+        pos_of_out = {int(ctx.class_index[c]): j for j, c in enumerate(ctx.classes)}
+        row_of = ctx.row_of_index()
+        for i, p in zip(pi["index"], pi["only_fg_pred"]):
+            r = row_of.get(int(i))
+            if r is not None:
+                out[r] = pos_of_out.get(int(p), -1)
+        return out
+
+    @staticmethod
+    def _explained(ctx: Context) -> np.ndarray:
+        """Rows whose prediction a shortcut explains: predicted as an attractor class (a
+        ``spurious_feature`` by its detector's rule) while their own background is read as
+        it, or changed by occluding the hot spot of a Clever-Hans cluster they belong to."""
+        from biasscope.attractors import explained_by_attractor
+
+        out = np.zeros(ctx.n, bool)
+        row_of = ctx.row_of_index()
+        att = ctx.attractors
+        if att is not None:
+            from .spurious_feature import attracting_classes
+
+            names = attracting_classes(ctx)
+            res = explained_by_attractor(ctx.counterfactuals,
+                                         {c: int(ctx.class_index[c]) for c in names})
+            for i in (res or {}).get("images", {}):
+                if int(i) in row_of:
+                    out[row_of[int(i)]] = True
+        from biasscope.causal import is_causal
+
+        off = {str(cl["id"]): (cl.get("mean_inside_frac") is not None
+                               and cl["mean_inside_frac"] < float(ctx.options["off_object_inside"]))
+               for cl in ctx.analysis.get("clusters") or []}
+        for cid, t in ((ctx.occlusion or {}).get("clusters") or {}).items():
+            if not is_causal(t, ctx.options, off_object=off.get(str(cid), False))[0]:
+                continue
+            for i, ch in zip(t.get("index", []), t.get("changed", [])):
+                if ch and int(i) in row_of:
+                    out[row_of[int(i)]] = True
+        return out
 
     @staticmethod
     def _object_rows(ctx: Context, lab: np.ndarray) -> np.ndarray:

@@ -131,6 +131,50 @@ def _where(f: dict) -> str:
     return " · ".join(parts)
 
 
+def _explained_ids(evidence: dict) -> list[str]:
+    eb = (evidence or {}).get("explained_by")
+    if eb is None or eb == "":
+        return []
+    if isinstance(eb, (str, int)):
+        return [str(eb)]
+    if isinstance(eb, (list, tuple)):
+        return [str(x) for x in eb if x is not None and str(x) != ""]
+    return [str(eb)]
+
+
+def _link(fid: str, anchor_of: dict) -> dict:
+    """``{id, anchor, title}`` of a referenced finding; anchor None (and the id as title) when
+    this scan has no finding with that id."""
+    anchor, title = anchor_of.get(str(fid), (None, None))
+    return {"id": str(fid), "anchor": anchor, "title": title or str(fid)}
+
+
+def _verdict(summary: dict, findings: list, anchor_of: dict) -> dict:
+    """The stored verdict (``summary["verdict"]``), or for a scan whose summary predates it the
+    same function applied to the stored findings; each root cause gains its finding's anchor."""
+    v = summary.get("verdict")
+    if not isinstance(v, dict) or "status" not in v:
+        from biasscope.summary import verdict
+
+        v = verdict(findings)
+    roots = []
+    for r in v.get("root_causes") or []:
+        if not isinstance(r, dict):
+            continue
+        sev = _finite(r.get("severity"))
+        roots.append({"id": str(r.get("id")), "kind": r.get("kind"), "class": r.get("class"),
+                      "severity": sev if sev is not None else 0.0,
+                      "band": severity_band(sev if sev is not None else 0.0),
+                      "line": str(r.get("line") or r.get("id")),
+                      "anchor": anchor_of.get(str(r.get("id")), (None, None))[0]})
+    n_roots = v.get("n_root_causes")
+    status = str(v.get("status") or "clean")
+    return {"status": status, "pill": {"shortcut": "high", "review": "medium"}.get(status, "ok"),
+            "line": str(v.get("line") or ""),
+            "root_causes": roots, "n_root_causes": int(n_roots) if _finite(n_roots) is not None else len(roots),
+            "n_explained": int(v.get("n_explained") or 0), "min_severity": _finite(v.get("min_severity"))}
+
+
 # ----------------------------------------------------------------------------------------------
 # build
 # ----------------------------------------------------------------------------------------------
@@ -188,11 +232,22 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
     thumbs = {"images": {str(r): u for r, u in images.items()}, "clusters": cluster_maps}
 
     # --- findings ---------------------------------------------------------------------------
+    anchor_of: dict = {}
     for i, f in enumerate(findings):
-        f["band"] = severity_band(float(f["severity"]))
         f["anchor"] = f"finding-{i}"
+        anchor_of.setdefault(str(f.get("id")), (f["anchor"], f.get("title")))
+    summary = scan.summary or {}
+    verdict = _verdict(summary, findings, anchor_of)
+    root_ids = {r["id"] for r in verdict["root_causes"]}
+    for f in findings:
+        f["band"] = severity_band(float(f["severity"]))
         f["where"] = _where(f)
-        f["evidence_items"] = _evidence_items(f.get("evidence"), row_of)
+        evidence = f.get("evidence") if isinstance(f.get("evidence"), dict) else {}
+        # explained_by is shown as links to the explaining findings, not as an evidence cell
+        f["explained_by"] = [_link(x, anchor_of) for x in _explained_ids(evidence)]
+        f["evidence_items"] = _evidence_items({k: v for k, v in evidence.items() if k != "explained_by"},
+                                              row_of)
+        f["root_cause"] = str(f.get("id")) in root_ids
         ex = [row_of[p] for p in (f.get("examples") or []) if p in row_of]
         f["example_rows"] = ex[:MAX_EXAMPLES]
         f["n_examples"] = len(f.get("examples") or [])
@@ -346,7 +401,6 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
     })
 
     # --- headline and metadata ---------------------------------------------------------------
-    summary = scan.summary or {}
     model = meta.get("model") or {}
     n_images = meta.get("n_images", n)
     worst = summary.get("worst_group") or {}
@@ -365,6 +419,7 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
         "layer": meta.get("layer"), "method": meta.get("method"), "n_classes": len(ds_classes) or len(order),
         "by_band": by_band, "n_findings": len(findings),
         "gates": summary.get("gates") or [],
+        "verdict": verdict,
     }
     page = {
         "title": f"biasscope report: {headline['model']} on {Path(str(headline['data'])).name or headline['data']}",

@@ -188,10 +188,37 @@ def test_object_view_finds_labels_that_disagree_with_look_alike_objects(make_tab
 
 def test_object_view_is_not_cleared_by_a_model_that_agrees_with_the_wrong_label(make_table):
     t, emb, flipped, _ = _object_scan(make_table, seed=1)
-    i = int(np.flatnonzero(flipped)[0])
+    before = run_detector(Context(table=t, object_embedding=emb), "label_issue").flags
+    i = int(np.flatnonzero(flipped & before)[0])
     t.loc[i, ["pred", "pred_idx", "correct"]] = [t.loc[i, "label"], t.loc[i, "label_idx"], True]
     res = run_detector(Context(table=t, object_embedding=emb), "label_issue")
     assert res.flags[i]
+
+
+def _only_fg(t, fg_pred):
+    """A counterfactual result holding only the Only-FG predictions (per table row)."""
+    n = len(t)
+    return {"classes": {}, "seed": 0, "n_boot": 10, "per_image": {
+        "index": t["index"].tolist(), "label_idx": t["label_idx"].tolist(),
+        "orig_pred": t["pred_idx"].tolist(), "only_bg_pred": [-1] * n,
+        "only_fg_pred": list(fg_pred), "mixed_pred_all": [[-1]] * n,
+        "bg_source_index_all": [[-1]] * n, "pair_tier_all": [[0]] * n,
+        "path": t["path"].tolist()}}
+
+
+def test_object_view_is_cleared_when_the_object_alone_is_read_as_its_label(make_table):
+    # the model reading the object on grey (Only-FG) as its label clears it; reading it as
+    # another class keeps it
+    t, emb, flipped, true = _object_scan(make_table)
+    base = run_detector(Context(table=t, object_embedding=emb), "label_issue").flags
+    rows = np.flatnonzero(base)
+    assert rows.size >= 5
+    fg = true.copy()
+    fg[rows[:3]] = t["label_idx"].to_numpy()[rows[:3]]  # these objects alone read as their label
+    res = run_detector(Context(table=t, object_embedding=emb, counterfactuals=_only_fg(t, fg)),
+                       "label_issue")
+    assert not res.flags[rows[:3]].any()
+    np.testing.assert_array_equal(res.flags[rows[3:]], base[rows[3:]])
 
 
 def test_images_without_an_embedding_get_the_model_view(make_table):

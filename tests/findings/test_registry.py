@@ -62,7 +62,7 @@ def test_register_validates_the_class(attrs, match):
 def test_registry_holds_the_documented_kinds():
     assert list(REGISTRY) == ["misclassified", "confident_mistake", "label_issue",
                               "off_object_attention", "background_reliance", "spurious_background",
-                              "clever_hans_cluster", "group_gap"]
+                              "spurious_feature", "clever_hans_cluster", "group_gap"]
     for name, cls in REGISTRY.items():
         assert cls.name == name and cls.description
 
@@ -169,8 +169,23 @@ def _rich_ctx(make_planted, seed):
         "b": {"n": 60, "chance": 1 / 3, "orig_acc": 0.9, "mixed_rand_acc": 0.88, "bg_gap": 0.02,
               "bg_gap_ci": [-0.05, 0.09], "flip_rate": 0.03, "flip_ci": [0.0, 0.08]},
     }}
+    cf["per_image"] = _attracting_per_image(lab, t["background"].to_numpy(), rng)
     return Context(table=fill_columns(t, cols), heatmaps=heat, heatmaps_true=heat[::-1].copy(),
                    analysis=an, counterfactuals=cf)
+
+
+def _attracting_per_image(lab, background, rng, draws=4):
+    """Counterfactual predictions of a model for which grass backgrounds mean class 0."""
+    n = len(lab)
+    src = rng.integers(0, n, (n, draws))
+    src = np.where(src == np.arange(n)[:, None], (src + 1) % n, src)
+    grass = background == "grass"
+    mixed = np.where(grass[src] & (rng.random((n, draws)) < 0.8), 0, lab[:, None])
+    return {"index": list(range(n)), "label_idx": lab.tolist(), "orig_pred": lab.tolist(),
+            "only_bg_pred": np.where(grass, 0, 2).tolist(), "only_fg_pred": lab.tolist(),
+            "mixed_pred_all": mixed.tolist(), "bg_source_index_all": src.tolist(),
+            "pair_tier_all": np.full((n, draws), 2).tolist(),
+            "path": [f"img{i}.png" for i in range(n)]}
 
 
 def _poor_ctx(make_table):
@@ -212,8 +227,12 @@ def test_the_rich_context_exercises_every_detector(make_planted):
     findings, status, flags = run_detectors(_rich_ctx(make_planted, 0))
     assert all(s["status"] == "ok" for s in status.values()), status
     kinds = {f.kind for f in findings}
-    assert {"misclassified", "clever_hans_cluster", "spurious_background", "off_object_attention",
-            "background_reliance"} <= kinds
+    assert {"misclassified", "spurious_feature", "off_object_attention"} <= kinds
+    # root cause first: class a's background findings are merged into its attractor finding
+    (sf,) = [f for f in findings if f.kind == "spurious_feature"]
+    assert sf.class_ == "a" and "background_tests" in sf.evidence
+    assert not [f for f in findings if f.class_ == "a" and f.kind in (
+        "spurious_background", "background_reliance")]
     assert [f.severity for f in findings] == sorted((f.severity for f in findings), reverse=True)
     assert len(flags) == 200 and all(isinstance(k, str) for fl in flags for k in fl)
 
@@ -222,6 +241,7 @@ def test_poor_context_skips_with_reasons(make_table):
     _, status, flags = run_detectors(_poor_ctx(make_table))
     skipped = {k for k, s in status.items() if s["status"] == "skipped"}
     assert skipped == {"label_issue", "off_object_attention", "spurious_background",
-                       "clever_hans_cluster", "group_gap", "background_reliance"}
+                       "clever_hans_cluster", "group_gap", "background_reliance",
+                       "spurious_feature"}
     assert all(status[k]["reason"] for k in skipped)
     assert flags == [[] for _ in range(6)]

@@ -227,6 +227,21 @@
     });
   });
 
+  // a link to a finding (verdict, "explained by") opens it, even when filtered out or closed
+  function revealFinding(hash) {
+    if (!hash || hash.indexOf("#finding-") !== 0) { return; }
+    var f = document.getElementById(hash.slice(1));
+    if (!f) { return; }
+    f.hidden = false;
+    f.open = true;
+  }
+  document.addEventListener("click", function (e) {
+    var a = e.target.closest ? e.target.closest("a[href^='#finding-']") : null;
+    if (a) { revealFinding(a.getAttribute("href")); }
+  });
+  window.addEventListener("hashchange", function () { revealFinding(window.location.hash); });
+  revealFinding(window.location.hash);
+
   var toggle = document.getElementById("findings-toggle");
   if (toggle) {
     toggle.addEventListener("click", function () {
