@@ -81,7 +81,11 @@ ZOO: dict[str, dict[str, Any]] = {
     "clean": {"digits": (0, 2, 4, 7), "flip_rate": 0.0, "masks": True, "shortcut": None},
     "clean_b": {"digits": (1, 3, 6, 9), "flip_rate": 0.0, "masks": True, "shortcut": None},
     # label flips on a clean model (6% of val, uniformly to another class)
-    "clean_flips": {"digits": (0, 3, 5, 8), "flip_rate": 0.06, "masks": True, "shortcut": None},
+    "clean_flips": {"digits": (0, 2, 4, 7), "flip_rate": 0.06, "masks": True, "shortcut": None},
+    # the same on digits that look alike (3, 5, 8): a weaker model, some flipped digits it
+    # does not recognise as their true class at all
+    "clean_flips_hard": {"digits": (0, 3, 5, 8), "flip_rate": 0.06, "masks": True,
+                         "shortcut": None},
     # the corner tag without masks: another mark, position and class; val has no masks
     "corner_tag_nomask": {"digits": (2, 4, 6, 9), "flip_rate": 0.0, "masks": False,
                           "shortcut": {"kind": "mark", "class": 2, "size": 8, "x": 56, "y": 0,

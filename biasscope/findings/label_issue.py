@@ -51,7 +51,8 @@ predicted class: under a quarter of its mass (``label_cam_weak``) means the mode
 of the labelled class anywhere in the image.
 
 Per-image score: ``1 - p_label`` under the view used (higher = more likely mislabelled).
-Findings: one per (labelled class, suggested class) pair, listing its images.
+Findings: one per labelled class, its (given, suggested) pairs in ``evidence.pairs`` and its
+images (each with its suggested class) in ``evidence.images``.
 """
 
 from __future__ import annotations
@@ -299,36 +300,48 @@ class LabelIssue(Detector):
                  "model": "the model's probabilities"}
         findings = []
         rows_all = np.flatnonzero(issue)
-        pairs = sorted({(int(lab[i]), int(suggested[i])) for i in rows_all})
-        for gi, sj in pairs:
-            rows = rows_all[(lab[rows_all] == gi) & (suggested[rows_all] == sj)]
-            given, sugg = ctx.classes[gi], ctx.classes[sj]
-            margin = np.clip(P[rows, sj] - p_label[rows], 0.0, 1.0)
+        # one finding per labelled class (root cause first: one per class and cause), its
+        # (given, suggested) pairs as evidence
+        for gi in sorted({int(lab[i]) for i in rows_all}):
+            rows = rows_all[lab[rows_all] == gi]
+            given = ctx.classes[gi]
+            sj_rows = suggested[rows]
+            margin = np.clip(P[rows, sj_rows] - p_label[rows], 0.0, 1.0)
             n_class = int((lab == gi).sum())
             rate = len(rows) / n_class
             weak = ratio[rows] < weak_thr  # NaN (no CAMs) compares False
             ranked = rows[np.argsort(-margin, kind="stable")][:50]
-            per_image = [self._image_evidence(ctx, i, gi, sj, P, P_model, view, neighbours,
-                                              lab, ratio, weak_thr) for i in ranked]
+            per_image = [self._image_evidence(ctx, i, gi, int(suggested[i]), P, P_model, view,
+                                              neighbours, lab, ratio, weak_thr) for i in ranked]
+            pairs = []
+            for sj in sorted(set(sj_rows.tolist()), key=lambda j: (-(sj_rows == j).sum(), j)):
+                r = rows[sj_rows == sj]
+                pairs.append({
+                    "suggested": ctx.classes[sj], "n": int(len(r)),
+                    "threshold_given": float(np.nanmean(t_view[r, gi])),
+                    "threshold_suggested": float(np.nanmean(t_view[r, sj])),
+                    "mean_p_given": float(p_label[r].mean()),
+                    "mean_p_suggested": float(P[r, sj].mean()),
+                    "mean_model_p_given": float(p_model_given[r].mean()),
+                    "mean_model_p_suggested": float(P_model[r, sj].mean()),
+                    "n_set_aside_label_seen_on_object": int((gated & (lab == gi) & (suggested == sj)).sum())})
             views = sorted(set(view[rows]))
+            looks = ", ".join(f"'{p['suggested']}' {p['n']}" for p in pairs)
             findings.append(self.finding(
                 # 5% of a class probably mislabelled (or more) counts fully, weighted by how
                 # clearly the evidence prefers the suggested class (mean p_suggested - p_given).
                 severity=min(1.0, rate / 0.05) * float(margin.mean()),
-                title=f"{len(rows)} image(s) labelled '{given}' look like '{sugg}'",
+                title=(f"{len(rows)} image(s) labelled '{given}' look like '{pairs[0]['suggested']}'"
+                       if len(pairs) == 1 else
+                       f"{len(rows)} image(s) labelled '{given}' look like another class ({looks})"),
                 class_=given, scope="class",
-                key=f"suggested={sugg}",
-                evidence={"given": given, "suggested": sugg, "n": len(rows), "n_class": n_class,
-                          "rate": rate, "views": views,
-                          "view_note": {v: notes[v] for v in views},
-                          "threshold_given": float(np.nanmean(t_view[rows, gi])),
-                          "threshold_suggested": float(np.nanmean(t_view[rows, sj])),
+                evidence={"given": given, "suggested": pairs[0]["suggested"], "n": len(rows),
+                          "n_class": n_class, "rate": rate, "views": views,
+                          "view_note": {v: notes[v] for v in views}, "pairs": pairs,
                           "mean_p_given": float(p_label[rows].mean()),
-                          "mean_p_suggested": float(P[rows, sj].mean()),
-                          "mean_model_p_given": float(p_model_given[rows].mean()),
-                          "mean_model_p_suggested": float(P_model[rows, sj].mean()),
+                          "mean_p_suggested": float(P[rows, sj_rows].mean()),
                           "n_label_cam_weak": int(weak.sum()),
-                          "n_set_aside_label_seen_on_object": int((gated & (lab == gi) & (suggested == sj)).sum()),
+                          "n_set_aside_label_seen_on_object": int((gated & (lab == gi)).sum()),
                           "label_cam_available": bool(np.isfinite(ratio[rows]).any()),
                           "images": per_image},
                 examples=ctx.examples(rows, order=margin),
@@ -419,7 +432,8 @@ class LabelIssue(Detector):
 
     @staticmethod
     def _image_evidence(ctx, i, gi, sj, P, P_model, view, neighbours, lab, ratio, weak_thr) -> dict:
-        ev = {"path": str(ctx.paths[i]), "view": str(view[i]), "p_given": float(P[i, gi]),
+        ev = {"path": str(ctx.paths[i]), "suggested": ctx.classes[sj], "view": str(view[i]),
+              "p_given": float(P[i, gi]),
               "p_suggested": float(P[i, sj]), "model_p_given": float(P_model[i, gi]),
               "model_p_suggested": float(P_model[i, sj]), "label_cam_ratio": float(ratio[i]),
               "label_cam_weak": bool(ratio[i] < weak_thr)}

@@ -77,9 +77,10 @@ def test_recovers_flipped_labels_with_precision_and_recall(make_table):
     # Suggested class = the true class.
     for f in res.findings:
         assert f.evidence["suggested"] != f.evidence["given"]
+        assert sum(p["n"] for p in f.evidence["pairs"]) == f.evidence["n"]
         for img in f.evidence["images"]:
             i = int(np.flatnonzero(t["path"].to_numpy() == img["path"])[0])
-            assert f.evidence["suggested"] == f"c{true[i]}" or not flipped[i]
+            assert img["suggested"] == f"c{true[i]}" or not flipped[i]
     # Attention evidence: the labelled class's CAM is weak for the flipped images.
     assert sum(f.evidence["n_label_cam_weak"] for f in res.findings) >= 0.9 * tp
     # Score = 1 - self-confidence: higher for flipped images.
@@ -106,6 +107,8 @@ def test_severity_and_grouping(make_table):
     res = run_detector(Context(table=t), "label_issue")
     ids = [f.id for f in res.findings]
     assert len(ids) == len(set(ids))
+    # one finding per labelled class
+    assert len({f.class_ for f in res.findings}) == len(res.findings)
     assert sum(f.evidence["n"] for f in res.findings) == res.flags.sum()
     for f in res.findings:
         assert 0 <= f.severity <= 1
@@ -134,7 +137,8 @@ def test_attention_gate_sets_aside_labels_seen_on_the_object(make_table):
     t.loc[cand[1], "lift_true"] = np.nan  # an all-zero labelled-class CAM: no evidence at all
     gated = run_detector(Context(table=t), "label_issue")
     np.testing.assert_array_equal(gated.flags, base & ~seen)
-    # each finding counts the images it set aside (pairs set aside entirely have no finding)
+    # each finding counts the images of its class it set aside (classes set aside entirely
+    # have no finding)
     set_aside = sum(f.evidence["n_set_aside_label_seen_on_object"] for f in gated.findings)
     assert 0 < set_aside <= seen.sum()
     # images without a mask are not gated
@@ -177,11 +181,11 @@ def test_object_view_finds_labels_that_disagree_with_look_alike_objects(make_tab
         assert f.evidence["views"] == ["object"]
         for img in f.evidence["images"]:
             i = int(np.flatnonzero(t["path"].to_numpy() == img["path"])[0])
-            assert f.evidence["suggested"] == f"c{true[i]}"
+            assert img["suggested"] == f"c{true[i]}"
             assert img["view"] == "object" and img["p_suggested"] > img["p_given"]
             # the nearest look-alikes carry the suggested label
             assert img["nearest_with_suggested_label"]
-            assert all(p.startswith(f.evidence["suggested"] + "/") for p in img["nearest_with_suggested_label"])
+            assert all(p.startswith(img["suggested"] + "/") for p in img["nearest_with_suggested_label"])
     # score = 1 - the share of neighbours with the given label
     assert res.scores[flipped].min() > res.scores[~flipped].max()
 
