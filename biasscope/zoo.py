@@ -344,7 +344,12 @@ def train_case(root: str | os.PathLike, *, seed: int = 0, force: bool = False) -
     epochs = _SIZES[truth["size"]]["epochs"]
     model = _bm.train_demo_model(root, epochs=epochs, seed=seed, force=force)
     key = json.loads((root / "model.json").read_text())["key"]
-    if truth.get("measured", {}).get("model_key") != key:
-        truth["measured"] = {**measure_effect(model, root), "model_key": key}
+    measured = dict(truth.get("measured", {}))
+    if measured.get("model_key") != key:
+        measured = {**measure_effect(model, root), "model_key": key}
+    if "effect" in measured:
+        measured["uses_shortcut"] = measured["effect"] >= MIN_EFFECT
+    if measured != truth.get("measured"):
+        truth["measured"] = measured
         truth_path.write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
     return model

@@ -79,6 +79,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # label_issue, object view: an issue needs at most this share of the object's look-alikes
     # to carry its label (1 of 20 neighbours) ...
     "label_max_share": 0.05,
+    # ... or at most this share when the model's prediction disagrees with the label too
+    # (and no shortcut explains the prediction) ...
+    "label_max_share_confirmed": 0.1,
     # ... and below this leave-one-out agreement of the kNN with the labels
     # the view is unreliable and the model's prediction must confirm an issue too.
     "label_min_agreement": 0.85,

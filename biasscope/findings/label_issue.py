@@ -252,10 +252,16 @@ class LabelIssue(Detector):
             # mostly carry their own label (leave-one-out). A model that learnt a shortcut may
             # embed shapes poorly; below the floor the model's prediction must confirm too.
             agreement = float(np.mean(P_obj.argmax(axis=1) == lo))
-            # An issue: at most label_max_share of the object's look-alikes carry its label,
-            # and the model reading the object alone (Only-FG) does not say the label either.
+            # An issue: at most label_max_share of the object's look-alikes carry its label
+            # (1 of 20), and the model reading the object alone (Only-FG) does not say the label
+            # either.
             # A correctly labelled but unusual object is usually still read as its label.
-            iss = (p_given <= float(ctx.options["label_max_share"]) + 1e-9) & (fg_pred[obj] != lo)
+            # A second reading, the model's own prediction, disagreeing with the label (and no
+            # shortcut explaining it) lets a share of up to label_max_share_confirmed pass.
+            confirmed = (pred_pos[obj] != lo) & ~explained[obj]
+            share = np.where(confirmed, float(ctx.options["label_max_share_confirmed"]),
+                             float(ctx.options["label_max_share"]))
+            iss = (p_given <= share + 1e-9) & (fg_pred[obj] != lo)
             if agreement < float(ctx.options["label_min_agreement"]):
                 iss &= (pred_pos[obj] != lo) & ~explained[obj]
             fg_sug = (fg_pred[obj] >= 0) & (fg_pred[obj] != lo)

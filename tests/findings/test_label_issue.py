@@ -192,8 +192,9 @@ def test_object_view_finds_labels_that_disagree_with_look_alike_objects(make_tab
 
 def test_object_view_is_not_cleared_by_a_model_that_agrees_with_the_wrong_label(make_table):
     t, emb, flipped, _ = _object_scan(make_table, seed=1)
-    before = run_detector(Context(table=t, object_embedding=emb), "label_issue").flags
-    i = int(np.flatnonzero(flipped & before)[0])
+    before = run_detector(Context(table=t, object_embedding=emb), "label_issue")
+    # one whose look-alikes alone make it an issue (at most 1 of 20 carries its label)
+    i = int(np.flatnonzero(flipped & before.flags & (before.scores >= 0.95 - 1e-9))[0])
     t.loc[i, ["pred", "pred_idx", "correct"]] = [t.loc[i, "label"], t.loc[i, "label_idx"], True]
     res = run_detector(Context(table=t, object_embedding=emb), "label_issue")
     assert res.flags[i]
