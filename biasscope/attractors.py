@@ -20,6 +20,9 @@ and each version's prediction is known. For every class S:
   the background says, so the two are close; a model with a shortcut to S follows the
   background. 95% CI: percentile bootstrap resampling *background images* (the draws on one
   background are not independent);
+* the **pulled share**: the share of featured backgrounds among all times the pull there, i.e.
+  the expected share of other classes' objects that a background drawn from the data sends to
+  S -- how much of the data the feature affects;
 * the **Only-FG** baseline ``fg_rate``: how often other classes' objects alone (on grey) are
   predicted S -- the part of "predicted S" that the objects' shapes explain;
 * the **victims**: per object class, how many of its draws on featured backgrounds went to S,
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["attractor_stats", "explained_by_attractor"]
+__all__ = ["attractor_stats", "explained_by_attractor", "find_attractors"]
 
 
 def _boot_ratio(num, den, n_boot: int, rng) -> np.ndarray | None:
@@ -157,6 +160,11 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
             "output_index": s,
             "n_draws": int(D.sum()), "n_draws_featured": int(n_in),
             "n_featured_backgrounds": int(in_src.size), "n_backgrounds": int(srcs.size),
+            "n_comparison_backgrounds": int(out_src.size),
+            # expected share of other classes' objects pulled to S on a background drawn
+            # from the data: the share of featured backgrounds times the pull there
+            "pulled_share": (float(n_in / (n_in + n_out)) * rate_in
+                             if rate_in is not None and n_in + n_out > 0 else None),
             "featured_share": float(in_src.size / srcs.size) if srcs.size else None,
             "rate_in": rate_in, "rate_in_ci": _interval(b_in),
             "rate_out": rate_out, "rate_out_ci": _interval(b_out),
@@ -215,3 +223,14 @@ def explained_by_attractor(cf: dict | None, attractor_classes: dict, *, own=()) 
         m = label == c
         flips[int(c)] = {"n_flips": int(flip[m].sum()), "n_explained": int(expl[m].sum())}
     return {"images": images, "flips": flips}
+
+
+def find_attractors(cf: dict | None, class_index: dict, passes, **kw) -> dict | None:
+    """:func:`attractor_stats` plus ``attractors``: the classes whose figures ``passes`` (a
+    predicate on one class's figures), strongest first (lower CI bound of the attraction)."""
+    res = attractor_stats(cf, class_index, **kw)
+    if res is None:
+        return None
+    found = [c for c, f in res["classes"].items() if passes(f)]
+    res["attractors"] = sorted(found, key=lambda c: (-res["classes"][c]["attraction_ci"][0], c))
+    return res

@@ -152,7 +152,7 @@ def is_causal(t: dict | None, options: dict, *, off_object: bool = False) -> tup
     lo = float(t["changed_ci"][0])
     base = float(t.get("control_changed_rate") or 0.0)
     repaired = t.get("n_wrong", 0) >= 5 and (t.get("repaired_share") or 0.0) >= 0.5
-    ok = (lo >= float(options["occlusion_min_change"])
-          and float(t["changed_rate"]) - base >= float(options["occlusion_min_excess"])
+    ok = (lo >= float(options["occlusion_min_change"]) - 1e-9
+          and float(t["changed_rate"]) - base >= float(options["occlusion_min_excess"]) - 1e-9
           and (off_object or repaired))
     return ok, (float(min(1.0, max(lo - base, 0.0) / 0.4)) if ok else 0.0)

@@ -327,9 +327,11 @@ class Context:
 
     @functools.cached_property
     def attractors(self) -> dict | None:
-        """:func:`biasscope.attractors.attractor_stats` of the counterfactual pass (None
-        without one), computed once per context."""
-        from biasscope.attractors import attractor_stats
+        """:func:`biasscope.attractors.find_attractors` of the counterfactual pass with the
+        ``spurious_feature`` rule (None without one), computed once per context."""
+        from biasscope.attractors import find_attractors
+
+        from .spurious_feature import passes
 
         cf = self.counterfactuals
         if not cf or cf.get("skipped"):
@@ -341,7 +343,8 @@ class Context:
                 if a in self.table.columns:
                     attrs[a] = dict(zip(idx.tolist(), self.table[a].astype(str).tolist()))
         names = {c: int(self.class_index[c]) for c in self.classes}
-        return attractor_stats(cf, names, attributes=attrs, seed=int(cf.get("seed", 0)),
+        return find_attractors(cf, names, lambda f: passes(f, self.options), attributes=attrs,
+                               seed=int(cf.get("seed", 0)),
                                n_boot=int(cf.get("n_boot", 1000)) or 1000,
                                max_examples=int(self.options["max_examples"]))
 

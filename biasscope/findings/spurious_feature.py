@@ -9,16 +9,21 @@ counterfactual pass. Class S is flagged when
   least ``feature_min_attraction`` (0.15);
 * the share on the featured backgrounds is at least ``feature_min_rate`` (0.2): a real pull,
   not a shift of a few per cent; and
-* at least ``feature_min_backgrounds`` (20) background images are read as S (a bootstrap over
-  fewer background images gives intervals too narrow to trust).
+* at least ``feature_min_backgrounds`` (20) background images are read as S, and as many are
+  left to compare with (a bootstrap over fewer background images gives intervals too narrow
+  to trust).
 
 A clean model reads the pasted object whatever the background says, so both shares are close
 whichever backgrounds happen to look like S; a model with a shortcut to S follows the
 background. The test needs no knowledge of what the feature is (texture, mark, frame, colour):
 the model's own reading of the empty background selects the images that carry it.
 
-Severity ``min(1, attraction_lo / 0.25)``: a pull of 25 points (lower bound) on other classes'
-objects is as strong as evidence gets. Evidence: the attraction figures with CIs, the Only-FG
+Severity ``min(1, attraction_lo / 0.25) * min(1, pulled_share / 0.05)``: a pull of 25 points
+(lower bound) on other classes' objects is as strong as evidence gets, and it counts fully when
+it affects at least 5% of them on the data's own backgrounds (``pulled_share``: the share of
+backgrounds read as S times the pull there). Measured on the zoo and the built-in benchmark:
+planted attractors pull 7.6-15% (the weakest, the benchmark's ``zero``, 7.6%), while the control
+class of the benchmark, read into 5% of the backgrounds, pulls 2%. Evidence: the attraction figures with CIs, the Only-FG
 baseline (how often other classes' objects alone are called S), the victims (per class, draws
 and original images pulled to S), the most attracting attribute values (e.g.
 ``background=grass``), the background images that attract most (``examples``) and the mean
@@ -34,18 +39,21 @@ from biasscope.analysis import heatmap_geometry, normalise_cams
 from .base import Context, Detector, DetectorResult, register
 
 
-def _passes(f: dict, o: dict) -> bool:
+def passes(f: dict, o: dict) -> bool:
+    """The rule above on one class's attractor figures (``o``: detector options)."""
     ci = f.get("attraction_ci")
     return (ci is not None and f.get("rate_in") is not None
             and ci[0] >= float(o["feature_min_attraction"])
             and f["rate_in"] >= float(o["feature_min_rate"])
-            and f["n_featured_backgrounds"] >= int(o["feature_min_backgrounds"]))
+            and f["n_featured_backgrounds"] >= int(o["feature_min_backgrounds"])
+            and f.get("n_comparison_backgrounds", int(o["feature_min_backgrounds"]))
+            >= int(o["feature_min_backgrounds"]))
 
 
 def attracting_classes(ctx: Context) -> list:
     """The classes this detector flags (for detectors that discount a shortcut's victims)."""
     att = ctx.attractors
-    return [] if att is None else [s for s, f in att["classes"].items() if _passes(f, ctx.options)]
+    return [] if att is None else list(att.get("attractors", []))
 
 
 @register
@@ -63,10 +71,14 @@ class SpuriousFeature(Detector):
         row_of = ctx.row_of_index()
         findings = []
         for s, f in att["classes"].items():
-            if not _passes(f, o):
+            if s not in att.get("attractors", []):
                 continue
             ci = f["attraction_ci"]
-            sev = float(min(1.0, ci[0] / 0.25))
+            # strength of the pull, weighted by how much of the data it affects (full from 5%
+            # of the other classes' objects pulled on the data's own backgrounds)
+            sev = float(min(1.0, ci[0] / 0.25) * min(1.0, (f.get("pulled_share") or 0.0) / 0.05))
+            if sev <= 0.0:
+                continue
             ev = {k: v for k, v in f.items() if k not in ("victim_index",)}
             ev["victims"] = dict(sorted(f["victims"].items(),
                                         key=lambda kv: -kv[1]["n_draws_to_class"]))

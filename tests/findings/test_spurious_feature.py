@@ -37,7 +37,10 @@ def test_planted_attractor_is_one_finding_for_its_class(make_table, pull):
     assert f.id == "spurious_feature/class=zero"
     fig = ctx.attractors["classes"]["zero"]
     lo = fig["attraction_ci"][0]
-    assert f.severity == pytest.approx(min(1.0, lo / 0.25))
+    assert f.severity == pytest.approx(min(1.0, lo / 0.25) * min(1.0, fig["pulled_share"] / 0.05))
+    # the featured backgrounds' share times the pull there
+    share = fig["n_draws_featured"] / (fig["n_draws"])
+    assert fig["pulled_share"] == pytest.approx(share * fig["rate_in"])
     if pull == 0.3:  # a moderate pull: below full severity, still above the threshold
         assert 0.15 <= lo < 0.25 and f.severity < 1.0
     else:
@@ -104,3 +107,26 @@ def test_skipped_without_counterfactuals(make_table, planted, cf):
     assert res.skipped and "counterfactual" in res.skipped and res.findings == []
     _, status, _ = run_detectors(ctx, ["spurious_feature"])
     assert status["spurious_feature"]["status"] == "skipped" and status["spurious_feature"]["reason"]
+
+
+def test_a_pull_on_few_backgrounds_is_less_severe(make_table):
+    # the same pull, but only 12 backgrounds carry the feature (the minimum lowered to 5 for this
+    # small set): the pulled share drops below 5% of the other classes' objects and the
+    # severity with it
+    pi, truth = shortcut_per_image(pull=0.8)
+    ob = np.asarray(pi["only_bg_pred"])
+    feat = np.flatnonzero(truth["featured"])
+    keep = feat[:12]
+    ob[np.setdiff1d(feat, keep)] = np.asarray(pi["label_idx"])[np.setdiff1d(feat, keep)]
+    mixed = np.asarray(pi["mixed_pred_all"])
+    pos = {int(i): k for k, i in enumerate(pi["index"])}
+    src = np.vectorize(pos.get)(np.asarray(pi["bg_source_index_all"]))
+    lost = ~np.isin(src, keep) & np.isin(src, feat)
+    mixed = np.where(lost, np.asarray(pi["label_idx"])[:, None], mixed)
+    pi = {**pi, "only_bg_pred": ob.tolist(), "mixed_pred_all": mixed.tolist()}
+    ctx = scan_ctx(make_table, pi, truth, options={"feature_min_backgrounds": 5})
+    (f,) = run_detector(ctx, "spurious_feature").findings
+    fig = ctx.attractors["classes"]["zero"]
+    assert fig["pulled_share"] < 0.05
+    assert f.severity == pytest.approx(min(1.0, fig["attraction_ci"][0] / 0.25) * fig["pulled_share"] / 0.05)
+    assert f.severity < 0.9
