@@ -47,9 +47,13 @@ def _boot_ratio(num, den, n_boot: int, rng) -> np.ndarray | None:
     n = num.size
     if n == 0 or den.sum() <= 0:
         return None
-    pick = rng.integers(0, n, (int(n_boot), n))
-    d = den[pick].sum(axis=1)
-    return np.where(d > 0, num[pick].sum(axis=1) / np.maximum(d, 1e-12), np.nan)
+    out = np.empty(int(n_boot))
+    step = max(1, 4_000_000 // n)  # bounded memory for many background images
+    for i in range(0, int(n_boot), step):
+        pick = rng.integers(0, n, (min(step, int(n_boot) - i), n))
+        d = den[pick].sum(axis=1)
+        out[i:i + len(pick)] = np.where(d > 0, num[pick].sum(axis=1) / np.maximum(d, 1e-12), np.nan)
+    return out
 
 
 def _interval(stats) -> list | None:
@@ -76,6 +80,16 @@ def _per_image(cf: dict) -> dict | None:
     return out
 
 
+def _positions(index: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row positions of dataset indices ``ids`` in ``index`` (-1 where absent)."""
+    order = np.argsort(index, kind="stable")
+    srt = index[order]
+    at = np.clip(np.searchsorted(srt, ids), 0, max(len(srt) - 1, 0))
+    if not len(srt):
+        return np.full(np.shape(ids), -1, np.int64)
+    return np.where(srt[at] == ids, order[at], -1).astype(np.int64)
+
+
 def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | None = None,
                     seed: int = 0, n_boot: int = 1000, max_examples: int = 10) -> dict | None:
     """Per class S (name), the attraction figures described in the module docstring.
@@ -95,8 +109,7 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
         return None
     n, R = pi["mixed"].shape
     index, label, ob = pi["index"], pi["label_idx"], pi["only_bg_pred"]
-    pos_of = {int(d): k for k, d in enumerate(index)}
-    src = np.vectorize(lambda d: pos_of.get(int(d), -1), otypes=[np.int64])(pi["src"]) if n else pi["src"]
+    src = _positions(index, pi["src"])
     ok = (pi["mixed"] >= 0) & (src >= 0)
     src_c = np.maximum(src, 0)
     obj_lab = np.broadcast_to(label[:, None], src.shape)
@@ -105,6 +118,8 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
     pred = pi["mixed"]
     obj_fg = np.broadcast_to(pi["only_fg_pred"][:, None], src.shape)
     out = {}
+    attr_values = {attr: np.array([str(values.get(int(i), "")) for i in index], dtype=object)
+                   for attr, values in (attributes or {}).items()}
     for name, s in class_index.items():
         s = int(s)
         rng = np.random.default_rng([int(seed), s, 77])
@@ -143,8 +158,7 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
         orig_in = float(np.mean(pi["orig_pred"][own_feat] == s)) if own_feat.any() else None
         orig_out = float(np.mean(pi["orig_pred"][other & ~own_feat] == s)) if (other & ~own_feat).any() else None
         per_value = {}
-        for attr, values in (attributes or {}).items():
-            v_src = np.array([str(values.get(int(index[j]), "")) for j in range(n)], dtype=object)
+        for attr, v_src in attr_values.items():
             rows = {}
             for v in sorted(set(v_src[srcs].tolist())):
                 sel = srcs[v_src[srcs] == v]
@@ -210,9 +224,7 @@ def explained_by_attractor(cf: dict | None, attractor_classes: dict, *, own=()) 
         s = int(attractor_classes[name])
         for k in np.flatnonzero((label == s) & (orig != s) & (ob != s)):
             images.setdefault(int(pi["index"][k]), name)
-    n = len(label)
-    pos_of = {int(d): k for k, d in enumerate(pi["index"])}
-    src = np.vectorize(lambda d: pos_of.get(int(d), -1), otypes=[np.int64])(pi["src"]) if n else pi["src"]
+    src = _positions(pi["index"], pi["src"])
     ok = (pi["mixed"] >= 0) & (src >= 0)
     src_ob = ob[np.maximum(src, 0)]
     correct = (orig == label)[:, None]
