@@ -38,29 +38,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .stats import boot_ratio, interval
+
 __all__ = ["attractor_stats", "explained_by_attractor", "find_attractors"]
-
-
-def _boot_ratio(num, den, n_boot: int, rng) -> np.ndarray | None:
-    """Bootstrap distribution of sum(num)/sum(den), resampling rows."""
-    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
-    n = num.size
-    if n == 0 or den.sum() <= 0:
-        return None
-    out = np.empty(int(n_boot))
-    step = max(1, 4_000_000 // n)  # bounded memory for many background images
-    for i in range(0, int(n_boot), step):
-        pick = rng.integers(0, n, (min(step, int(n_boot) - i), n))
-        d = den[pick].sum(axis=1)
-        out[i:i + len(pick)] = np.where(d > 0, num[pick].sum(axis=1) / np.maximum(d, 1e-12), np.nan)
-    return out
-
-
-def _interval(stats) -> list | None:
-    if stats is None or not np.isfinite(stats).any():
-        return None
-    lo, hi = np.nanquantile(stats, [0.025, 0.975])
-    return [float(lo), float(hi)]
 
 
 def _per_image(cf: dict) -> dict | None:
@@ -136,8 +116,8 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
         n_in, n_out = float(tot[in_src].sum()), float(tot[out_src].sum())
         rate_in = float(hits[in_src].sum() / n_in) if n_in else None
         rate_out = float(hits[out_src].sum() / n_out) if n_out else None
-        b_in = _boot_ratio(hits[in_src], tot[in_src], n_boot, rng)
-        b_out = _boot_ratio(hits[out_src], tot[out_src], n_boot, rng)
+        b_in = boot_ratio(hits[in_src], tot[in_src], n_boot, rng)
+        b_out = boot_ratio(hits[out_src], tot[out_src], n_boot, rng)
         other = label != s
         fg_ok = other & (pi["only_fg_pred"] >= 0)
         fg_rate = float(np.mean(pi["only_fg_pred"][fg_ok] == s)) if fg_ok.any() else None
@@ -180,10 +160,10 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
             "pulled_share": (float(n_in / (n_in + n_out)) * rate_in
                              if rate_in is not None and n_in + n_out > 0 else None),
             "featured_share": float(in_src.size / srcs.size) if srcs.size else None,
-            "rate_in": rate_in, "rate_in_ci": _interval(b_in),
-            "rate_out": rate_out, "rate_out_ci": _interval(b_out),
+            "rate_in": rate_in, "rate_in_ci": interval(b_in),
+            "rate_out": rate_out, "rate_out_ci": interval(b_out),
             "attraction": (rate_in - rate_out) if rate_in is not None and rate_out is not None else None,
-            "attraction_ci": _interval(b_in - b_out) if b_in is not None and b_out is not None else None,
+            "attraction_ci": interval(b_in - b_out) if b_in is not None and b_out is not None else None,
             "fg_rate": fg_rate,
             "orig_rate_featured": orig_in, "orig_rate_plain": orig_out,
             "n_other_featured": int(own_feat.sum()), "n_other": int(other.sum()),

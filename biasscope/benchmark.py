@@ -350,6 +350,16 @@ def _options(size: str, seed: int, bias: float | None, flip_rate: float, waterma
     }
 
 
+def is_built(truth_path: Path, options: dict) -> bool:
+    """True when ``truth_path`` exists and records these build options (a complete build)."""
+    if not truth_path.is_file():
+        return False
+    try:
+        return json.loads(truth_path.read_text()).get("options") == options
+    except (json.JSONDecodeError, AttributeError):
+        return False  # unreadable: rebuild
+
+
 def default_epochs(size: str) -> int:
     """Training epochs of the demo CNN for a benchmark size."""
     if size not in _SIZES:
@@ -391,12 +401,8 @@ def build_benchmark(
     options = _options(size, seed, bias, flip_rate, watermark_class)
     root = Path(out_dir)
     truth_path = root / "truth.json"
-    if not force and truth_path.is_file():
-        try:
-            if json.loads(truth_path.read_text()).get("options") == options:
-                return root
-        except (json.JSONDecodeError, AttributeError):
-            pass  # unreadable: rebuild below
+    if not force and is_built(truth_path, options):
+        return root
 
     cfg = _SIZES[size]
     canvas = cfg["canvas"]

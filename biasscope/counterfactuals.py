@@ -77,6 +77,7 @@ from .analysis import to_jsonable  # noqa: E402
 from .data import BOX_COLS, Dataset  # noqa: E402
 from .errors import BiasscopeError  # noqa: E402
 from .progress import as_reporter  # noqa: E402
+from .stats import boot_ratio, interval  # noqa: E402
 
 __all__ = ["PAIRINGS", "fill_background", "only_foreground", "paste_objects", "run_counterfactuals"]
 
@@ -255,32 +256,7 @@ def _pair(labels, bg_pred, valid, rng, pairing: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def _boot(num, den, n_boot: int, rng) -> np.ndarray | None:
-    """Bootstrap distribution of ``sum(num) / sum(den)``, resampling images (rows); ``num`` and
-    ``den`` are per-image sums, so an image's several Mixed-Rand draws stay together. None when
-    there is nothing to resample."""
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    n = num.size
-    if n == 0 or den.sum() <= 0:
-        return None
-    if n_boot <= 0:
-        return np.array([num.sum() / den.sum()])
-    stats = np.empty(n_boot)
-    step = max(1, 4_000_000 // n)  # bounded memory for large classes
-    for s in range(0, n_boot, step):
-        k = min(step, n_boot - s)
-        pick = rng.integers(0, n, (k, n))
-        d = den[pick].sum(axis=1)
-        stats[s:s + k] = np.where(d > 0, num[pick].sum(axis=1) / np.maximum(d, 1e-12), np.nan)
-    return stats
-
-
-def _interval(stats) -> list | None:
-    if stats is None or not np.isfinite(stats).any():
-        return None
-    lo, hi = np.nanquantile(stats, [0.025, 0.975])
-    return [float(lo), float(hi)]
+_boot, _interval = boot_ratio, interval
 
 
 def _ci(num, den, n_boot: int, rng) -> list | None:

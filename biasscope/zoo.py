@@ -241,12 +241,8 @@ def build_case(out_dir: str | os.PathLike, name: str, *, size: str = "default", 
     case = _case(name)
     root = Path(out_dir)
     truth_path = root / "truth.json"
-    if not force and truth_path.is_file():
-        try:
-            if json.loads(truth_path.read_text()).get("options") == options:
-                return root
-        except (json.JSONDecodeError, AttributeError):
-            pass
+    if not force and _bm.is_built(truth_path, options):
+        return root
     truth_path.unlink(missing_ok=True)
     for p in ("train", "val", "model.keras", "model.json"):
         q = root / p
