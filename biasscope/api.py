@@ -5,6 +5,7 @@ Everything the CLI does is reachable from here; the CLI only parses options and 
 
 from __future__ import annotations
 
+import errno
 import platform
 import shutil
 import tempfile
@@ -14,19 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 
 from . import __version__
 from .data import BOX_COLS, Dataset, load_dataset
-from .errors import BiasscopeError
+from .errors import BiasscopeError, ScanInterrupted
 from .metrics import inside_frac, lift, upsample_bilinear
 from .progress import as_reporter
-from .store import SCHEMA_VERSION, ChunkWriter, Scan, load, read_meta, write_json, write_table
+from .store import (LOCK, SCHEMA_VERSION, ChunkWriter, Scan, ScanLock, load, read_meta, stored_rows,
+                    write_json, write_table)
 
 __all__ = ["scan", "load", "Scan", "list_layers"]
 
 # files a scan writes; only these are ever removed when a scan directory is reused
 _OWNED = ("meta.json", "scan.parquet", "heatmaps.npy", "heatmaps_true.npy", "analysis.json",
           "findings.json", "summary.json", "report.html", "chunks")
+# detectors whose evidence is the heatmap itself: they cannot run when every CAM is zero
+_HEATMAP_DETECTORS = ("clever_hans_cluster", "off_object_attention", "spurious_background")
 
 
 def _load_model(model, unsafe: bool):
@@ -76,7 +81,7 @@ def _prepare_out(out: Path, fingerprint: str, parts: dict, *, resume: bool,
     """Decide what to do with an existing output directory; returns the meta to resume from."""
     meta = read_meta(out)
     if meta is None:
-        foreign = [p.name for p in out.iterdir()] if out.is_dir() else []
+        foreign = [p.name for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
         if [n for n in foreign if n not in _OWNED] and not overwrite:
             raise BiasscopeError(f"{out} exists and holds other files ({', '.join(sorted(foreign)[:3])}); "
                                  "choose another --out or pass --overwrite")
@@ -167,6 +172,8 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
 
     rep = as_reporter(progress)
     t0 = time.perf_counter()
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise BiasscopeError(f"--out {out} is a file")
     validate_gates(list(fail_on or ()))  # a typo in a gate fails now, not after the scan
     if batch_size < 1:
         raise BiasscopeError(f"--batch-size must be >= 1, got {batch_size}")
@@ -188,139 +195,179 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     fp, fp_parts = _fingerprint(model_sha, ds, options)
 
     out = Path(tempfile.mkdtemp(prefix="biasscope-")) if out is None else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    old = _prepare_out(out, fp, fp_parts, resume=resume, overwrite=overwrite)
-    post = dict(model=kmodel, target=target, ds=ds, geometry=(H, W, C), batch_size=batch_size,
-                preprocess=preprocess,
-                seed=seed, counterfactuals=counterfactuals, fail_on=fail_on,
-                detector_options=detector_options, report=report, rep=rep)
-    if old is not None and old.get("status") == "complete":
-        rep.note(f"[green]{out}[/] already holds this Grad-CAM pass; redoing only the analysis")
-        return _analyse_scan(load(out), **post) if analysis else load(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BiasscopeError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    lock = ScanLock(out, note=lambda msg: rep.note(f"[yellow]note[/]: {msg}"))
+    try:
+        lock.acquire()
+        old = _prepare_out(out, fp, fp_parts, resume=resume, overwrite=overwrite)
+        post = dict(model=kmodel, target=target, ds=ds, geometry=(H, W, C), batch_size=batch_size,
+                    preprocess=preprocess,
+                    seed=seed, counterfactuals=counterfactuals, fail_on=fail_on,
+                    detector_options=detector_options, report=report, rep=rep)
+        if old is not None and old.get("status") == "complete":
+            rep.note(f"[green]{out}[/] already holds this Grad-CAM pass; redoing only the analysis")
+            return _analyse_scan(load(out), **post) if analysis else load(out)
 
-    meta = {
-        "schema_version": SCHEMA_VERSION, "status": "running", "fingerprint": fp,
-        "fingerprint_parts": fp_parts,
-        "model": {"path": str(model_path.resolve()) if model_path else None, "sha256": model_sha,
-                  "name": kmodel.name, "head": head.kind, "n_outputs": head.n_outputs},
-        "layer": target.path, "layer_shape": list(target.shape), "method": method,
-        "classes": ds.classes, "class_index": ds.class_index,
-        "data_root": str(ds.root), "masks": str(Path(masks).resolve()) if masks is not None else None,
-        "n_images": len(ds), "attributes": ds.attributes,
-        "options": {**options, "seed": seed}, "versions": _versions(),
-    }
-    write_json(out / "meta.json", meta)
-
-    from .cams import make_cam
-    from .pipeline import make_pipeline, why_unreadable
-
-    engine = make_cam(method, kmodel, target, head, batch_size=batch_size, input_shape=(H, W, C),
-                      preprocess=preprocess)
-    heat_shape = tuple(int(s) for s in target.shape[:2])
-    writer = ChunkWriter(out, n_total=len(ds), chunk_size=chunk_size, heat_shape=heat_shape)
-    start = writer.start_index
-    files, mask_files = ds.table["file"].to_numpy(), ds.table["mask_file"].to_numpy()
-
-    def reasons(indices):
-        return [why_unreadable(files[i], mask_files[i]) for i in indices]
-
-    names = np.array([ds.output_names.get(i, f"#{i}") for i in range(head.n_classes)], dtype=object)
-    counts = {"mask_resized": 0, "mask_aspect": 0}
-    aspect_examples: list = []
-    t_pass = time.perf_counter()
-    if start:
-        rep.note(f"resuming at image {start:,} of {len(ds):,} ({writer.next_chunk} chunk(s) already stored)")
-    pipe = make_pipeline(ds, image_size=(H, W), channels=C, batch_size=batch_size, start=start)
-    label_idx_all = ds.table["label_idx"].to_numpy()
-    stage = {"input_wait_s": 0.0, "gradcam_wait_s": 0.0, "postprocess_s": 0.0}
-
-    def postprocess(batch, res):
-        """Metrics, rows and storage for one batch; runs while the next batch is on the model."""
-        t = time.perf_counter()
-        idx = batch["index"].numpy()
-        valid = idx >= 0
-        masks_b, has_mask = batch["mask"].numpy()[valid], batch["has_mask"].numpy()[valid]
-        att = attention_metrics(res["cam_pred"][valid], masks_b, mask_valid=has_mask)
-        _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
-        pred = res["pred_idx"][valid].astype(np.int32)
-        att.update(_label_attention(res["cam_true"][valid], masks_b, has_mask,
-                                    pred != label_idx_all[idx[valid]], att))
-        cols = {
-            "index": idx[valid], "pred_idx": pred,
-            "correct": pred == label_idx_all[idx[valid]],
-            "confidence": res["confidence"][valid].astype(np.float64),
-            "label_prob": res["label_prob"][valid].astype(np.float64),
-            "top5": res["top_idx"][valid].astype(np.int32),
-            "top5_prob": res["top_prob"][valid].astype(np.float32),
-            **{k: np.asarray(v, dtype=np.float64) for k, v in att.items()},
+        meta = {
+            "schema_version": SCHEMA_VERSION, "status": "running", "fingerprint": fp,
+            "fingerprint_parts": fp_parts,
+            "model": {"path": str(model_path.resolve()) if model_path else None, "sha256": model_sha,
+                      "name": kmodel.name, "head": head.kind, "n_outputs": head.n_outputs},
+            "layer": target.path, "layer_shape": list(target.shape), "method": method,
+            "classes": ds.classes, "class_index": ds.class_index,
+            "data_root": str(ds.root), "masks": str(Path(masks).resolve()) if masks is not None else None,
+            "n_images": len(ds), "attributes": ds.attributes,
+            "options": {**options, "seed": seed}, "versions": _versions(),
         }
-        # float16 cannot hold the tiny CAMs some models produce: store each map scaled to a
-        # peak of 1 and keep its peak in the table (every metric is scale-invariant)
-        cam_p, cols["cam_max"] = _unit_peak(res["cam_pred"][valid])
-        cam_t, cols["cam_true_max"] = _unit_peak(res["cam_true"][valid])
-        writer.add(cols, cam_p, cam_t, reasons=reasons)
-        stage["postprocess_s"] += time.perf_counter() - t
-        return int(idx[valid][-1]) + 1 if valid.any() else 0
+        write_json(out / "meta.json", meta)
 
-    with rep.task("Grad-CAM", total=len(ds)) as task, ThreadPoolExecutor(1) as pool:
-        task.advance(start)
-        done, prev = start, None
-        it = iter(pipe)
-        while True:
+        from .cams import make_cam
+        from .pipeline import make_pipeline, why_unreadable
+
+        engine = make_cam(method, kmodel, target, head, batch_size=batch_size, input_shape=(H, W, C),
+                          preprocess=preprocess)
+        heat_shape = tuple(int(s) for s in target.shape[:2])
+        writer = ChunkWriter(out, n_total=len(ds), chunk_size=chunk_size, heat_shape=heat_shape)
+        start = writer.start_index
+        files, mask_files = ds.table["file"].to_numpy(), ds.table["mask_file"].to_numpy()
+
+        def reasons(indices):
+            return [why_unreadable(files[i], mask_files[i]) for i in indices]
+
+        names = np.array([ds.output_names.get(i, f"#{i}") for i in range(head.n_classes)], dtype=object)
+        counts = {"mask_resized": 0, "mask_aspect": 0}
+        aspect_examples: list = []
+        t_pass = time.perf_counter()
+        if start:
+            rep.note(f"resuming at image {start:,} of {len(ds):,} ({writer.next_chunk} chunk(s) already stored)")
+        pipe = make_pipeline(ds, image_size=(H, W), channels=C, batch_size=batch_size, start=start)
+        label_idx_all = ds.table["label_idx"].to_numpy()
+        stage = {"input_wait_s": 0.0, "gradcam_wait_s": 0.0, "postprocess_s": 0.0}
+
+        def postprocess(batch, res):
+            """Metrics, rows and storage for one batch; runs while the next batch is on the model."""
             t = time.perf_counter()
-            batch = next(it, None)
-            stage["input_wait_s"] += time.perf_counter() - t
-            if batch is None:
-                break
-            running = pool.submit(engine, batch["image"], batch["label"])
+            idx = batch["index"].numpy()
+            valid = idx >= 0
+            masks_b, has_mask = batch["mask"].numpy()[valid], batch["has_mask"].numpy()[valid]
+            att = attention_metrics(res["cam_pred"][valid], masks_b, mask_valid=has_mask)
+            _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
+            pred = res["pred_idx"][valid].astype(np.int32)
+            att.update(_label_attention(res["cam_true"][valid], masks_b, has_mask,
+                                        pred != label_idx_all[idx[valid]], att))
+            cols = {
+                "index": idx[valid], "pred_idx": pred,
+                "correct": pred == label_idx_all[idx[valid]],
+                "confidence": res["confidence"][valid].astype(np.float64),
+                "label_prob": res["label_prob"][valid].astype(np.float64),
+                "top5": res["top_idx"][valid].astype(np.int32),
+                "top5_prob": res["top_prob"][valid].astype(np.float32),
+                **{k: np.asarray(v, dtype=np.float64) for k, v in att.items()},
+            }
+            # float16 cannot hold the tiny CAMs some models produce: store each map scaled to a
+            # peak of 1 and keep its peak in the table (every metric is scale-invariant)
+            cam_p, cols["cam_max"] = _unit_peak(res["cam_pred"][valid])
+            cam_t, cols["cam_true_max"] = _unit_peak(res["cam_true"][valid])
+            writer.add(cols, cam_p, cam_t, reasons=reasons)
+            stage["postprocess_s"] += time.perf_counter() - t
+            return int(idx[valid][-1]) + 1 if valid.any() else 0
+
+        with rep.task("Grad-CAM", total=len(ds)) as task, ThreadPoolExecutor(1) as pool:
+            task.advance(start)
+            done, prev = start, None
+            it = iter(pipe)
+            while True:
+                t = time.perf_counter()
+                batch = next(it, None)
+                stage["input_wait_s"] += time.perf_counter() - t
+                if batch is None:
+                    break
+                running = pool.submit(engine, batch["image"], batch["label"])
+                if prev is not None:
+                    end = postprocess(*prev)
+                    task.advance(end - done)
+                    done = end
+                t = time.perf_counter()
+                prev = (batch, running.result())
+                stage["gradcam_wait_s"] += time.perf_counter() - t
             if prev is not None:
                 end = postprocess(*prev)
                 task.advance(end - done)
                 done = end
-            t = time.perf_counter()
-            prev = (batch, running.result())
-            stage["gradcam_wait_s"] += time.perf_counter() - t
-        if prev is not None:
-            end = postprocess(*prev)
-            task.advance(end - done)
-            done = end
-        writer.close(reasons)
-        task.advance(len(ds) - done)
-    pass_s = time.perf_counter() - t_pass
-    table, skipped = writer.assemble(out, ds.table.drop(columns=["file", "mask_file"]))
-    table.insert(table.columns.get_loc("pred_idx"), "pred", names[table["pred_idx"].to_numpy()])
-    table["cluster"] = pd.array([pd.NA] * len(table), dtype="Int32")  # filled by the analysis
-    table["embed_x"] = np.nan
-    table["embed_y"] = np.nan
-    table["flags"] = [[] for _ in range(len(table))]
-    table = table.drop(columns=[c for c in BOX_COLS if table[c].isna().all()])
-    write_table(out, table)
-    writer.cleanup()
+            writer.close(reasons)
+            task.advance(len(ds) - done)
+        pass_s = time.perf_counter() - t_pass
+        table, skipped = writer.assemble(out, ds.table.drop(columns=["file", "mask_file"]))
+        table.insert(table.columns.get_loc("pred_idx"), "pred", names[table["pred_idx"].to_numpy()])
+        table["cluster"] = pd.array([pd.NA] * len(table), dtype="Int32")  # filled by the analysis
+        table["embed_x"] = np.nan
+        table["embed_y"] = np.nan
+        table["flags"] = [[] for _ in range(len(table))]
+        table = table.drop(columns=[c for c in BOX_COLS if table[c].isna().all()])
+        write_table(out, table)
+        writer.cleanup()
 
-    skipped = [{"path": str(ds.table["path"].iloc[s["index"]]), "reason": s["reason"]} for s in skipped]
-    for s in skipped[:5]:
-        rep.note(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
-    if len(skipped) > 5:
-        rep.note(f"[yellow]skipped {len(skipped) - 5} more undecodable image(s)[/]; all are listed in meta.json")
-    warnings = {
-        "missing_masks": {"count": len(ds.missing_masks), "examples": ds.missing_masks[:10]},
-        "mask_resized": counts["mask_resized"],
-        "mask_aspect_differs": {"count": counts["mask_aspect"], "examples": aspect_examples[:10]},
-    }
-    if ds.missing_masks:
-        rep.note(f"[yellow]warning[/]: {len(ds.missing_masks)} mask file(s) not found "
-                 f"(first: {ds.missing_masks[0]}); those rows have no mask metrics")
-    if counts["mask_aspect"]:
-        rep.note(f"[yellow]warning[/]: {counts['mask_aspect']} mask(s) have a different aspect ratio "
-                 f"from their image (first: {aspect_examples[0]}); resized anyway")
-    meta.update({
-        "status": "complete", "n_scanned": len(table), "skipped": skipped, "warnings": warnings,
-        "timings": {"total_s": time.perf_counter() - t0, "gradcam_pass_s": pass_s,
-                    "images_per_s": (len(ds) - start) / pass_s if pass_s > 0 else None,
-                    "resumed_at": start, "traces": engine.concrete_functions, **stage},
-    })
-    write_json(out / "meta.json", meta)
-    return _analyse_scan(load(out), **post) if analysis else load(out)
+        skipped = [{"path": str(ds.table["path"].iloc[s["index"]]), "reason": s["reason"]} for s in skipped]
+        for s in skipped[:5]:
+            rep.note(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+        if len(skipped) > 5:
+            rep.note(f"[yellow]skipped {len(skipped) - 5} more undecodable image(s)[/]; all are listed in meta.json")
+        warnings = {
+            "missing_masks": {"count": len(ds.missing_masks), "examples": ds.missing_masks[:10]},
+            "mask_resized": counts["mask_resized"],
+            "mask_aspect_differs": {"count": counts["mask_aspect"], "examples": aspect_examples[:10]},
+        }
+        if ds.missing_masks:
+            rep.note(f"[yellow]warning[/]: {len(ds.missing_masks)} mask file(s) not found "
+                     f"(first: {ds.missing_masks[0]}); those rows have no mask metrics")
+        if counts["mask_aspect"]:
+            rep.note(f"[yellow]warning[/]: {counts['mask_aspect']} mask(s) have a different aspect ratio "
+                     f"from their image (first: {aspect_examples[0]}); resized anyway")
+        zero = _zero_heatmaps(table, target.path)
+        if zero:
+            warnings["heatmaps_all_zero"] = zero
+            rep.note(f"[yellow]warning[/]: {escape(zero)}")
+        meta.update({
+            "status": "complete", "n_scanned": len(table), "skipped": skipped, "warnings": warnings,
+            "timings": {"total_s": time.perf_counter() - t0, "gradcam_pass_s": pass_s,
+                        "images_per_s": (len(ds) - start) / pass_s if pass_s > 0 else None,
+                        "resumed_at": start, "traces": engine.concrete_functions, **stage},
+        })
+        write_json(out / "meta.json", meta)
+        return _analyse_scan(load(out), **post) if analysis else load(out)
+    except KeyboardInterrupt:
+        raise ScanInterrupted(stored_rows(out, chunk_size=chunk_size, n_total=len(ds)), len(ds),
+                              out) from None
+    except OSError as exc:
+        if _disk_full(exc):
+            raise BiasscopeError(f"no space left on device writing {out}; the chunks stored so far "
+                                 "are kept: free some space and run the same command again to "
+                                 "resume") from None
+        raise
+    finally:
+        lock.release()
+
+
+def _disk_full(exc: OSError) -> bool:
+    """A write that failed for want of space (pyarrow's OSError carries no errno)."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    msg = str(exc)
+    return "No space left" in msg or ("requested and" in msg and "written" in msg)
+
+
+def _zero_heatmaps(table: pd.DataFrame, layer: str) -> str | None:
+    """The warning when every stored CAM is zero (nothing to measure or cluster), else None."""
+    peaks = table["cam_max"].to_numpy(np.float64) if "cam_max" in table else np.zeros(0)
+    if not len(peaks) or np.any(peaks > 0):
+        return None
+    return (f"the heatmaps are all zero at layer {layer}: the class scores have no positive "
+            "gradient-weighted activation there. Likely causes: dead ReLUs (the layer outputs "
+            "only zeros), a layer after which the class score does not depend on it, or a "
+            "saturated softmax; try another --layer (biasscope layers MODEL)")
 
 
 def _raw_heatmaps(heat, peaks) -> np.ndarray:
@@ -365,6 +412,17 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
                   attributes=ds.attributes, options=dict(detector_options or {}), counterfactuals=cf,
                   object_embedding=object_embedding, occlusion=occlusion)
     findings, status, flags = run_detectors(ctx)
+    zero = _zero_heatmaps(table, str(result.meta.get("layer")))
+    if zero:
+        # nothing to measure or cluster: the heatmap detectors say so instead of reporting
+        # findings computed from empty maps
+        reason = zero.split(":")[0] + "; " + "nothing to measure"
+        for name in _HEATMAP_DETECTORS:
+            if name in status:
+                status[name] = {"status": "skipped", "reason": reason, "n_findings": 0, "n_flagged": None}
+        findings = [f for f in findings if f.kind not in _HEATMAP_DETECTORS]
+        flags = [[k for k in fl if k not in _HEATMAP_DETECTORS] for fl in flags]
+        info["warnings"] = {"heatmaps_all_zero": zero}
     table["flags"] = flags
     timings["findings_s"] = time.perf_counter() - t
     info["detectors"] = status
@@ -373,7 +431,8 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
     info["attractors"] = ctx.attractors if ctx.attractors is not None else {
         "skipped": "counterfactual tests not run"}
     info["timings"] = timings
-    found = [f.to_dict() for f in findings]
+    # a finding of severity 0.00 says nothing: never listed
+    found = [f.to_dict() for f in findings if f.severity >= 0.005]
     summary = summarise(table, found, info)
     summary["gates"] = evaluate_gates(list(fail_on or ()), summary, found)
     summary["gate_tripped"] = any(g["tripped"] for g in summary["gates"])

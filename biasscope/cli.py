@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import BiasscopeError
+from .errors import BiasscopeError, ScanInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Is this vision model right for the right reasons? Grad-CAM over a whole "
@@ -76,6 +76,9 @@ def scan(
                           fail_on=fail_on or (), report=report)
     except BiasscopeError as exc:
         _fail(exc)
+    except ScanInterrupted as exc:
+        err_console.print(f"\n{exc}", highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(130)
     _print_verdict(result)
     _print_summary(result)
     _print_findings(result)
@@ -147,7 +150,14 @@ def _print_summary(result, report_line: bool = True) -> None:
     table.add_row("images", f"{len(t):,}" + (f" ({len(meta.get('skipped', []))} skipped)" if meta.get("skipped") else ""))
     table.add_row("accuracy", f"{t['correct'].mean():.1%}" if len(t) else "-")
     inside = t["inside_frac"].dropna()
-    table.add_row("mean inside_frac", f"{inside.mean():.3f} over {len(inside):,} masked images" if len(inside) else "no masks")
+    n_masked = int(t["mask_frac"].notna().sum()) if "mask_frac" in t else 0
+    if len(inside):
+        attention = f"{inside.mean():.3f} over {len(inside):,} masked images"
+    elif n_masked:  # masks exist, but a CAM that is zero everywhere has no inside share
+        attention = f"undefined: the heatmaps are all zero ({n_masked:,} masked images)"
+    else:
+        attention = "no masks"
+    table.add_row("mean inside_frac", attention)
     table.add_row("layer", f"{meta['layer']} {tuple(meta['layer_shape'])}")
     rate = meta.get("timings", {}).get("images_per_s")
     if rate:

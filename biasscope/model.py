@@ -66,6 +66,34 @@ def _keras():
     return keras
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _looks_like_keras_file(path: Path) -> bool:
+    """A ``.keras`` zip holding ``config.json``, or an HDF5 file (``.h5``/``.hdf5``); decided from
+    the name and the first bytes, so that a file of anything else gets a plain reason instead of
+    the loader's "File not found"."""
+    import zipfile
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".keras":
+            if not zipfile.is_zipfile(path):
+                return False
+            with zipfile.ZipFile(path) as zf:
+                return "config.json" in zf.namelist()
+        if suffix in {".h5", ".hdf5"}:
+            with open(path, "rb") as fh:  # HDF5 allows a user block of 512 * 2**k bytes first
+                for at in (0, 512, 1024, 2048, 4096):
+                    fh.seek(at)
+                    if fh.read(8) == _HDF5_SIGNATURE:
+                        return True
+            return False
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return False
+
+
 def load_model(path, *, unsafe: bool = False):
     """Load a ``.keras`` file, a legacy ``.h5`` file or a SavedModel directory.
 
@@ -89,9 +117,8 @@ def load_model(path, *, unsafe: bool = False):
                     f"{path}: this SavedModel has no Keras layers Keras 3 can rebuild; "
                     "save the model as .keras (model.save('model.keras')) and scan that"
                 ) from None
-        suffix = path.suffix.lower()
-        if suffix not in {".keras", ".h5", ".hdf5"}:
-            raise BiasscopeError(f"{path}: not a model file (expected .keras, .h5 or a SavedModel directory)")
+        if not _looks_like_keras_file(path):
+            raise BiasscopeError(f"not a Keras model file (.keras zip, .h5 or SavedModel folder): {path}")
         return keras.models.load_model(path, safe_mode=not unsafe, compile=False)
     except BiasscopeError:
         raise

@@ -146,15 +146,51 @@ def _array_pipeline(ds, H, W, channels, batch_size, start):
     return _batched(src.map(load, num_parallel_calls=AUTOTUNE, deterministic=True), batch_size)
 
 
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
+          (b"GIF89a", "GIF"), (b"BM", "BMP"))
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format from a file's first bytes (PNG, JPEG, GIF, BMP, WebP), or None."""
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
+def _reason(file: str, decode, formats: tuple) -> str | None:
+    """Why ``file`` does not decode, in the user's words (no TensorFlow internals), or None."""
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not data:
+        return "empty file"
+    fmt = sniff_format(data[:16])
+    if fmt is None or fmt not in formats:
+        return f"not a {'/'.join(formats)} image"
+    try:
+        decode(tf.constant(data))
+    except Exception:  # TF's message names its kernels; the format and the symptom are enough
+        if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return "truncated JPEG"
+        if fmt == "PNG" and b"IEND" not in data[-16:]:
+            return "truncated PNG"
+        return f"corrupt {fmt} image"
+    return None
+
+
 def why_unreadable(file: str, mask_file: str = "") -> str:
     """After the fact, for the few rows the pipeline dropped: the reason, in a few words."""
-    try:
-        tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
-    except Exception as exc:  # the message TF gives is what the user needs to see
-        return f"image: {str(exc).splitlines()[0][:160]}"
+    why = _reason(file, lambda b: tf.io.decode_image(b, channels=3, expand_animations=False),
+                  ("PNG", "JPEG", "GIF", "BMP", "WebP"))
+    if why:
+        return f"image: {why}"
     if mask_file:
-        try:
-            tf.io.decode_png(tf.io.read_file(mask_file), channels=1)
-        except Exception as exc:
-            return f"mask: {str(exc).splitlines()[0][:160]}"
+        why = _reason(mask_file, lambda b: tf.io.decode_png(b, channels=1), ("PNG",))
+        if why:
+            return f"mask: {why}"
     return "could not be decoded"

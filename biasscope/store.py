@@ -29,9 +29,23 @@ META = "meta.json"
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temporary name and rename: a failed write (a full disk) never leaves a
+    half file under the real name, and its temporary file is removed to give the space back."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    def write(p):
+        with open(p, "wb") as fh:  # a file object: np.save would append .npy to a bare name
+            np.save(fh, arr, allow_pickle=False)
+
+    _atomic_write_bytes(path, write)
 
 
 def write_json(path: Path, obj) -> None:
@@ -119,8 +133,8 @@ class ChunkWriter:
         lo = k * self.chunk_size
         skipped = np.setdiff1d(np.arange(lo, hi), cols["index"][take]).tolist()
         skip = [{"index": i, "reason": r} for i, r in zip(skipped, reasons(skipped))] if skipped else []
-        np.save(self.dir / f"heat-{k:05d}.npy", heat[take])
-        np.save(self.dir / f"heat_true-{k:05d}.npy", heat_t[take])
+        _save_npy(self.dir / f"heat-{k:05d}.npy", heat[take])
+        _save_npy(self.dir / f"heat_true-{k:05d}.npy", heat_t[take])
         write_json(self.dir / f"skip-{k:05d}.json", skip)
         frame = pd.DataFrame({name: list(v[take]) if v.ndim > 1 else v[take] for name, v in cols.items()})
         _atomic_write_bytes(self.dir / f"rows-{k:05d}.parquet", lambda p: frame.to_parquet(p, index=False))
@@ -140,16 +154,21 @@ class ChunkWriter:
         for k in range(self.n_chunks):
             skipped += json.loads((self.dir / f"skip-{k:05d}.json").read_text())
         for name, prefix in (("heatmaps.npy", "heat"), ("heatmaps_true.npy", "heat_true")):
-            mm = np.lib.format.open_memmap(out_dir / (name + ".tmp.npy"), mode="w+", dtype=np.float16,
-                                           shape=(len(rows), *self.heat_shape))
-            at = 0
-            for k in range(self.n_chunks):
-                h = np.load(self.dir / f"{prefix}-{k:05d}.npy")
-                mm[at:at + len(h)] = h
-                at += len(h)
-            mm.flush()
-            del mm
-            os.replace(out_dir / (name + ".tmp.npy"), out_dir / name)
+            tmp = out_dir / (name + ".tmp.npy")
+            try:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                               shape=(len(rows), *self.heat_shape))
+                at = 0
+                for k in range(self.n_chunks):
+                    h = np.load(self.dir / f"{prefix}-{k:05d}.npy")
+                    mm[at:at + len(h)] = h
+                    at += len(h)
+                mm.flush()
+                del mm
+                os.replace(tmp, out_dir / name)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         idx = rows["index"].to_numpy()
         table = base.iloc[idx].reset_index(drop=True)
         table = pd.concat([table[["path", "label", "label_idx"]], rows.drop(columns=["index"]),
@@ -160,6 +179,88 @@ class ChunkWriter:
     def cleanup(self) -> None:
         """Remove the chunks once the assembled table is safely written."""
         shutil.rmtree(self.dir)
+
+
+def stored_rows(out_dir, *, chunk_size: int, n_total: int) -> int:
+    """How many of the scan's ``n_total`` rows are safely stored in ``out_dir`` (all of them
+    once the scan is assembled, else those of the committed chunks)."""
+    out_dir = Path(out_dir)
+    if (read_meta(out_dir) or {}).get("status") == "complete":
+        return int(n_total)
+    k = 0
+    while (out_dir / "chunks" / f"rows-{k:05d}.parquet").is_file():
+        k += 1
+    return min(k * int(chunk_size), int(n_total))
+
+
+LOCK = "scan.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class ScanLock:
+    """``OUT/scan.lock`` holding the pid of the scan writing ``OUT``; a second scan into the
+    same folder refuses while that process lives. A lock whose process is gone (killed,
+    crashed machine) is stale and taken over; ``note`` says so.
+
+    ``with ScanLock(out, note=print): ...`` releases it on every exit, errors and Ctrl-C
+    included.
+    """
+
+    def __init__(self, out_dir, *, note=None):
+        self.path = Path(out_dir) / LOCK
+        self.note = note or (lambda msg: None)
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pid = self._holder()
+                if pid is not None and _pid_alive(pid):
+                    raise BiasscopeError(f"another scan is running in {self.path.parent} (pid {pid}); "
+                                         "wait for it or choose another --out") from None
+                self.note(f"taking over the stale lock of a scan that is gone "
+                          f"({'pid ' + str(pid) if pid is not None else 'unreadable'}): {self.path}")
+                self.path.unlink(missing_ok=True)
+                continue
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except BaseException:
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+            self.held = True
+            return
+        raise BiasscopeError(f"could not take the lock {self.path}; remove it if no scan is running")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def release(self) -> None:
+        if self.held and self._holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "ScanLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @dataclass
