@@ -557,3 +557,25 @@ def test_10k_image_report_is_small_and_opens_fast(tmp_path):
     assert size_mb < 30
     assert first < 3.0 and paint < 3.0
     assert capped > 0
+
+
+def test_evidence_grids_become_heatmaps_and_nested_figures_tables():
+    from biasscope.report.build import _evidence_items
+
+    ev = {"mean_heatmap": [[0.0, 1.0], [0.5, 0.25]], "n": 3,
+          "victims": {"one": {"n_draws_to_class": 4, "n_victims_original": 2},
+                      "<b>x</b>": {"n_draws_to_class": 1, "n_victims_original": 0}},
+          "per_attribute": {"background": {"grass": {"rate": 0.5, "n_draws": 40},
+                                           "sand": {"rate": 0.0, "n_draws": 30}}},
+          "clusters": [{"id": "c", "size": 5, "mean_heatmap": [[1.0, 0.0], [0.0, 0.0]]}]}
+    items = {it["key"]: it for it in _evidence_items(ev, {})}
+    assert items["mean_heatmap"]["kind"] == "heatmap"
+    assert items["mean_heatmap"]["uri"].startswith("data:image/png;base64,")
+    assert items["n"]["kind"] == "scalar" and items["n"]["text"] == "3"
+    v = items["victims"]
+    assert v["kind"] == "table" and v["columns"] == ["", "n_draws_to_class", "n_victims_original"]
+    assert [c["text"] for c in v["rows"][0]] == ["one", "4", "2"]
+    bg = items["per_attribute.background"]
+    assert bg["kind"] == "table" and [r[0]["text"] for r in bg["rows"]] == ["grass", "sand"]
+    # a grid inside a table row is left out, not printed as numbers
+    assert items["clusters"]["columns"] == ["id", "size"]

@@ -88,35 +88,67 @@ def _evidence_items(evidence: dict, row_of: dict) -> list[dict]:
     ``pairs`` (a dict shown inline), ``list`` (scalars joined) or ``table`` (a list of dicts:
     columns and rows, paths linked to the image's row)."""
     items = []
-    for key, v in (evidence or {}).items():
-        if isinstance(v, dict):
+    for key, v in _flatten_tables(evidence or {}).items():
+        if _is_map(v):  # a 2-D grid of numbers: a heatmap
+            items.append({"key": key, "kind": "heatmap",
+                          "uri": heatmap_uri(np.asarray(v, np.float64))})
+        elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            # {name: {figures}}, e.g. victims per class: a table with the name first
+            v = [{"": k, **{c: x for c, x in d.items() if not _is_map(x)}} for k, d in v.items()]
+            items.append(_table(key, v, row_of))
+        elif isinstance(v, dict):
             items.append({"key": key, "kind": "pairs",
                           "pairs": [(str(k), fmt_value(x) if not isinstance(x, (dict, list)) else str(x))
                                     for k, x in list(v.items())[:20]],
                           "more": max(0, len(v) - 20)})
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            cols = list(dict.fromkeys(k for x in v for k in x))
-            rows = []
-            for x in v[:MAX_EXAMPLES]:
-                cells = []
-                for c in cols:
-                    val = x.get(c)
-                    row = row_of.get(str(val)) if c == "path" else None
-                    if isinstance(val, list):  # e.g. a few paths: joined, like a scalar list
-                        text = ", ".join(fmt_value(x) if not isinstance(x, (dict, list)) else str(x)
-                                         for x in val)
-                    else:
-                        text = fmt_value(val) if not isinstance(val, dict) else str(val)
-                    cells.append({"text": text, "row": row})
-                rows.append(cells)
-            items.append({"key": key, "kind": "table", "columns": cols, "rows": rows,
-                          "more": max(0, len(v) - MAX_EXAMPLES)})
+            items.append(_table(key, [{c: x for c, x in d.items() if not _is_map(x)} for d in v],
+                                row_of))
         elif isinstance(v, list):
             items.append({"key": key, "kind": "scalar",
                           "text": ", ".join(fmt_value(x) for x in v[:20]) + (" …" if len(v) > 20 else "")})
         else:
             items.append({"key": key, "kind": "scalar", "text": fmt_value(v)})
     return items
+
+
+def _is_map(v) -> bool:
+    return (isinstance(v, list) and len(v) > 1 and all(isinstance(r, list) and len(r) > 1 for r in v)
+            and all(isinstance(x, (int, float)) for r in v for x in r))
+
+
+def _flatten_tables(evidence: dict) -> dict:
+    """``{attr: {value: {figures}}}`` (e.g. per_attribute) one level down: ``attr`` keys
+    ``"per_attribute.background"`` each holding ``{value: {figures}}``."""
+    out = {}
+    for key, v in evidence.items():
+        if (isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values())
+                and all(isinstance(y, dict) for x in v.values() for y in x.values()) and
+                any(x for x in v.values())):
+            for k2, x in v.items():
+                out[f"{key}.{k2}"] = x
+        else:
+            out[key] = v
+    return out
+
+
+def _table(key: str, v: list, row_of: dict) -> dict:
+    """A list of dicts as a table item (paths linked to the image's row)."""
+    cols = list(dict.fromkeys(k for x in v for k in x))
+    rows = []
+    for x in v[:MAX_EXAMPLES]:
+        cells = []
+        for c in cols:
+            val = x.get(c)
+            row = row_of.get(str(val)) if c == "path" else None
+            if isinstance(val, list):  # e.g. a few paths: joined, like a scalar list
+                text = ", ".join(fmt_value(y) if not isinstance(y, (dict, list)) else str(y) for y in val)
+            else:
+                text = fmt_value(val) if not isinstance(val, dict) else str(val)
+            cells.append({"text": text, "row": row})
+        rows.append(cells)
+    return {"key": key, "kind": "table", "columns": cols, "rows": rows,
+            "more": max(0, len(v) - MAX_EXAMPLES)}
 
 
 def _where(f: dict) -> str:
