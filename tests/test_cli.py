@@ -63,7 +63,7 @@ def test_verdict_block_prints_root_causes_and_nothing_for_old_scans(capsys):
 
 @pytest.mark.parametrize("args, fragments", [
     (lambda m, d, t: ["scan", str(d), str(d)], ["not a SavedModel"]),
-    (lambda m, d, t: ["scan", str(t / "junk.keras"), str(d)], ["could not load the model"]),
+    (lambda m, d, t: ["scan", str(t / "junk.keras"), str(d)], ["not a Keras model file", "junk.keras"]),
     (lambda m, d, t: ["scan", str(m), str(d), "--layer", "last_cnv"], ["no layer 'last_cnv'", "last_conv"]),
     (lambda m, d, t: ["scan", str(m), str(t / "empty")], ["no images found"]),
     (lambda m, d, t: ["scan", str(m), str(d), "--image-size", "10", "12"], ["--image-size 10 12", "32x32"]),

@@ -57,7 +57,7 @@ def test_undecodable_image_is_skipped_and_listed(image_set, cnn_path, tmp_path):
     s = biasscope.scan(cnn_path, image_set, out=tmp_path / "o", batch_size=4, progress=False)
     assert len(s.table) == 17
     assert [x["path"] for x in s.meta["skipped"]] == ["images/square/square_001.png"]
-    assert s.meta["skipped"][0]["reason"].startswith("image:")
+    assert s.meta["skipped"][0]["reason"] == "image: not a PNG/JPEG/GIF/BMP/WebP image"
     assert "images/square/square_001.png" not in set(s.table["path"])
 
 
