@@ -125,7 +125,7 @@ def verdict(findings, *, min_severity: float = 0.5) -> dict:
     if shown:
         status = "shortcut"
         n = len(roots)
-        parts = [r["line"].rstrip(" .;") for r in shown]
+        parts = [str(r["line"]).rstrip(" .;") for r in shown]
         if n > len(shown):
             parts.append(f"and {n - len(shown)} more")
         line = f"{n} root cause{'s' if n != 1 else ''}: " + "; ".join(parts)
@@ -247,7 +247,8 @@ def evaluate_gates(expr_list, summary: dict, findings) -> list[dict]:
                if (isinstance(v, (int, float)) and not isinstance(v, bool)) or k in _NULLABLE}
     results = []
     for expr in expr_list or []:
-        name, op, value = _parse(expr)
+        name, op, parsed = _parse(expr)
+        value = float("nan") if parsed is None else parsed  # a number whenever op is set
         of_kind = [f for f in fs if f["kind"] == name]
         if op is None:
             if name not in kinds:
