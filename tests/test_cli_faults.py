@@ -51,6 +51,9 @@ def test_out_naming_a_file_is_refused(image_set, cnn_path, tmp_path):
     _one_line_error(runner.invoke(app, ["scan", str(cnn_path), str(image_set), "--out", str(target)]),
                     f"--out {target} is a file")
     assert target.read_text() == "keep me"
+    inside = target / "scan"  # a folder that cannot be made: its parent is that file
+    _one_line_error(runner.invoke(app, ["scan", str(cnn_path), str(image_set), "--out", str(inside)]),
+                    f"--out {inside}: cannot create the folder (Not a directory)")
 
 
 def _mount_tmpfs(where: Path, size: str) -> bool:
@@ -121,6 +124,28 @@ def test_full_disk_keeps_the_stored_chunks_and_resumes(tmp_path, monkeypatch, sm
     pd.testing.assert_frame_equal(resumed.table, clean.table)
     np.testing.assert_array_equal(resumed.heatmaps, clean.heatmaps)
     np.testing.assert_array_equal(resumed.heatmaps_true, clean.heatmaps_true)
+
+
+def test_full_disk_while_assembling_resumes_from_the_stored_chunks(image_set, cnn_path, tmp_path,
+                                                                  monkeypatch, small_chunks):
+    real, failed = store.write_table, []
+
+    def write_table_once_full(out_dir, table):
+        if not failed:
+            failed.append(out_dir)
+            raise OSError("2073600 requested and 1570752 written")  # what pyarrow says, no errno
+        real(out_dir, table)
+
+    monkeypatch.setattr(api, "write_table", write_table_once_full)
+    out = tmp_path / "o"
+    args = ["scan", str(cnn_path), str(image_set), "--out", str(out), *FAST]
+    _one_line_error(runner.invoke(app, args), f"no space left on device writing {out}")
+    assert len(list((out / "chunks").glob("rows-*.parquet"))) == 5  # 18 images, chunks of 4
+    assert json.loads((out / "meta.json").read_text())["status"] == "running"
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    s = biasscope.load(out)
+    assert s.meta["timings"]["resumed_at"] == 18 and len(s.table) == 18 and not (out / "chunks").exists()
 
 
 def test_second_scan_into_a_running_scans_folder_refuses(image_set, cnn_path, tmp_path):
