@@ -5,6 +5,7 @@ Everything the CLI does is reachable from here; the CLI only parses options and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import platform
 import shutil
@@ -199,9 +200,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BiasscopeError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-    lock = ScanLock(out, note=lambda msg: rep.note(f"[yellow]note[/]: {msg}"))
-    try:
-        lock.acquire()
+    with _scan_folder(out, n_total=len(ds), chunk_size=chunk_size, rep=rep):
         old = _prepare_out(out, fp, fp_parts, resume=resume, overwrite=overwrite)
         post = dict(model=kmodel, target=target, ds=ds, geometry=(H, W, C), batch_size=batch_size,
                     preprocess=preprocess,
@@ -338,8 +337,19 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         })
         write_json(out / "meta.json", meta)
         return _analyse_scan(load(out), **post) if analysis else load(out)
+
+
+@contextlib.contextmanager
+def _scan_folder(out: Path, *, n_total: int, chunk_size: int, rep):
+    """Hold ``OUT/scan.lock`` while a scan writes into ``out``; turn Ctrl-C into
+    :class:`ScanInterrupted` (how much is stored) and a full disk into a one-line error. What is
+    stored stays: chunks are committed atomically, so the same call resumes."""
+    lock = ScanLock(out, note=lambda msg: rep.note(f"[yellow]note[/]: {msg}"))
+    lock.acquire()
+    try:
+        yield
     except KeyboardInterrupt:
-        raise ScanInterrupted(stored_rows(out, chunk_size=chunk_size, n_total=len(ds)), len(ds),
+        raise ScanInterrupted(stored_rows(out, chunk_size=chunk_size, n_total=n_total), n_total,
                               out) from None
     except OSError as exc:
         if _disk_full(exc):
