@@ -181,7 +181,8 @@ def summarise(table: pd.DataFrame, findings, analysis: dict | None = None) -> di
     -------
     dict (JSON-serialisable)
         ``n``, ``n_classes``, ``accuracy``, ``worst_group_acc``, ``worst_group`` (which group),
-        ``mean_inside_frac`` (None without masks), ``n_with_mask``, ``n_findings``,
+        ``mean_inside_frac`` (None without masks, or when every heatmap is zero),
+        ``n_with_mask`` (images with a mask), ``heatmaps_all_zero``, ``n_findings``,
         ``max_severity``, ``findings_by_kind`` (every known kind, 0 included),
         ``findings_by_severity`` (``high`` >= 0.7, ``medium`` >= 0.4, ``low``), ``verdict``
         (:func:`verdict` of the findings: status, headline, root causes).
@@ -197,6 +198,9 @@ def summarise(table: pd.DataFrame, findings, analysis: dict | None = None) -> di
     n = len(table)
     inside = pd.to_numeric(table["inside_frac"], errors="coerce") if "inside_frac" in table.columns \
         else pd.Series(np.nan, index=table.index)
+    masked = pd.to_numeric(table["mask_frac"], errors="coerce").notna() if "mask_frac" in table.columns \
+        else inside.notna()
+    peaks = pd.to_numeric(table["cam_max"], errors="coerce") if "cam_max" in table.columns else None
     worst, which = _worst_group(table, attributes)
     by_kind = {k: 0 for k in _known_kinds()}
     for f in fs:
@@ -211,7 +215,9 @@ def summarise(table: pd.DataFrame, findings, analysis: dict | None = None) -> di
         "worst_group_acc": worst,
         "worst_group": which,
         "mean_inside_frac": float(inside.mean()) if inside.notna().any() else None,
-        "n_with_mask": int(inside.notna().sum()),
+        "n_with_mask": int(masked.sum()),
+        # nothing to measure: zero CAMs have no inside share even where masks exist
+        "heatmaps_all_zero": bool(n and peaks is not None and not (peaks > 0).any()),
         "n_findings": len(fs),
         "max_severity": max((float(f["severity"]) for f in fs), default=0.0),
         "findings_by_kind": by_kind,

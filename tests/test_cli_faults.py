@@ -240,6 +240,13 @@ def test_all_zero_heatmaps_warn_and_heatmap_detectors_say_why(image_set, tmp_pat
         assert detectors[name]["status"] == "skipped", name
         assert detectors[name]["reason"].startswith("the heatmaps are all zero at layer last_conv")
         assert f"{name} not run: the heatmaps are all zero" in flat
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heatmaps_all_zero"] is True and summary["n_with_mask"] == 18
+    r = runner.invoke(app, ["report", str(out)])  # the report says so too, not "no masks"
+    assert r.exit_code == 0, r.output
+    html = (out / "report.html").read_text()
+    assert "undefined: the heatmaps are all zero at last_conv (18 masked images)" in html
+    assert "no masks: attention-on-object" not in html and "No masks in this scan" not in html
     findings = json.loads((out / "findings.json").read_text())
     assert all(f["severity"] >= 0.005 for f in findings)
     assert not any(f["kind"] in api._HEATMAP_DETECTORS for f in findings)

@@ -60,6 +60,17 @@ def test_summary_without_attributes_or_masks_and_from_dicts():
     assert empty["n"] == 0 and empty["accuracy"] is None and empty["worst_group_acc"] is None
 
 
+def test_all_zero_heatmaps_keep_the_mask_count_and_say_so():
+    t = table(attrs=False)
+    t["mask_frac"] = 0.2
+    t["cam_max"] = 0.3
+    assert summarise(t, [], {})["heatmaps_all_zero"] is False
+    t["inside_frac"], t["cam_max"] = np.nan, 0.0  # zero CAMs: no inside share, masks still there
+    s = summarise(t, [], {})
+    assert s["heatmaps_all_zero"] is True and s["n_with_mask"] == 20 and s["mean_inside_frac"] is None
+    assert summarise(t.iloc[:0], [], {})["heatmaps_all_zero"] is False
+
+
 def test_attributes_are_inferred_when_the_analysis_does_not_name_them():
     s = summarise(table(), [], {})
     assert s["worst_group_acc"] == pytest.approx(0.6)
