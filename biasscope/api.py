@@ -31,8 +31,6 @@ __all__ = ["scan", "load", "Scan", "list_layers"]
 # files a scan writes; only these are ever removed when a scan directory is reused
 _OWNED = ("meta.json", "scan.parquet", "heatmaps.npy", "heatmaps_true.npy", "analysis.json",
           "findings.json", "summary.json", "report.html", "chunks")
-# detectors whose evidence is the heatmap itself: they cannot run when every CAM is zero
-_HEATMAP_DETECTORS = ("clever_hans_cluster", "off_object_attention", "spurious_background")
 
 
 def _load_model(model, unsafe: bool):
@@ -416,23 +414,19 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
                            preprocess=preprocess, seed=seed, options=detector_options, rep=rep,
                            timings=timings)
     t = time.perf_counter()
-    ctx = Context(table=table, heatmaps=_raw_heatmaps(result.heatmaps, table["cam_max"]),
-                  heatmaps_true=_raw_heatmaps(result.heatmaps_true, table["cam_true_max"]),
-                  analysis=info, classes=ds.classes, class_index=ds.class_index,
-                  attributes=ds.attributes, options=dict(detector_options or {}), counterfactuals=cf,
-                  object_embedding=object_embedding, occlusion=occlusion)
-    findings, status, flags = run_detectors(ctx)
     zero = _zero_heatmaps(table, str(result.meta.get("layer")))
+    options = dict(detector_options or {})
     if zero:
         # nothing to measure or cluster: the heatmap detectors say so instead of reporting
         # findings computed from empty maps
-        reason = zero.split(":")[0] + "; " + "nothing to measure"
-        for name in _HEATMAP_DETECTORS:
-            if name in status:
-                status[name] = {"status": "skipped", "reason": reason, "n_findings": 0, "n_flagged": None}
-        findings = [f for f in findings if f.kind not in _HEATMAP_DETECTORS]
-        flags = [[k for k in fl if k not in _HEATMAP_DETECTORS] for fl in flags]
+        options["zero_heatmaps"] = zero.split(":")[0] + "; nothing to measure"
         info["warnings"] = {"heatmaps_all_zero": zero}
+    ctx = Context(table=table, heatmaps=_raw_heatmaps(result.heatmaps, table["cam_max"]),
+                  heatmaps_true=_raw_heatmaps(result.heatmaps_true, table["cam_true_max"]),
+                  analysis=info, classes=ds.classes, class_index=ds.class_index,
+                  attributes=ds.attributes, options=options, counterfactuals=cf,
+                  object_embedding=object_embedding, occlusion=occlusion)
+    findings, status, flags = run_detectors(ctx)
     table["flags"] = flags
     timings["findings_s"] = time.perf_counter() - t
     info["detectors"] = status

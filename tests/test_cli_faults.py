@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 import biasscope
 from biasscope import api, store
 from biasscope.cli import app
+from biasscope.findings import REGISTRY
 from conftest import make_cnn, make_image_set
 
 runner = CliRunner()
@@ -236,7 +237,9 @@ def test_all_zero_heatmaps_warn_and_heatmap_detectors_say_why(image_set, tmp_pat
     meta = json.loads((out / "meta.json").read_text())
     assert meta["warnings"]["heatmaps_all_zero"].startswith("the heatmaps are all zero at layer last_conv: ")
     detectors = json.loads((out / "analysis.json").read_text())["detectors"]
-    for name in api._HEATMAP_DETECTORS:
+    heat = [n for n, cls in REGISTRY.items() if cls.needs_heatmaps]
+    assert set(heat) == {"clever_hans_cluster", "off_object_attention", "spurious_background"}
+    for name in heat:
         assert detectors[name]["status"] == "skipped", name
         assert detectors[name]["reason"].startswith("the heatmaps are all zero at layer last_conv")
         assert f"{name} not run: the heatmaps are all zero" in flat
@@ -249,7 +252,7 @@ def test_all_zero_heatmaps_warn_and_heatmap_detectors_say_why(image_set, tmp_pat
     assert "no masks: attention-on-object" not in html and "No masks in this scan" not in html
     findings = json.loads((out / "findings.json").read_text())
     assert all(f["severity"] >= 0.005 for f in findings)
-    assert not any(f["kind"] in api._HEATMAP_DETECTORS for f in findings)
+    assert not any(f["kind"] in heat for f in findings)
 
 
 def test_ctrl_c_says_how_much_is_stored_and_how_to_resume(tmp_path):

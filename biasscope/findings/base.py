@@ -116,6 +116,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "occlusion_min_excess": 0.2,
     # Paths listed per finding.
     "max_examples": 10,
+    # Set (to the reason) when every CAM of the scan is zero: detectors whose evidence is the
+    # heatmap itself (``needs_heatmaps``) then skip with that reason.
+    "zero_heatmaps": None,
 }
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -397,6 +400,8 @@ class Detector:
     kind: ClassVar[str] = ""
     scope: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: The detector's evidence is the heatmap itself: it skips when every CAM is zero.
+    needs_heatmaps: ClassVar[bool] = False
 
     def run(self, ctx: Context) -> DetectorResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -424,6 +429,8 @@ class Detector:
 
     def evaluate(self, ctx: Context) -> DetectorResult:
         """Run the detector and check the contract; raises :class:`InvariantError` if broken."""
+        if self.needs_heatmaps and ctx.options.get("zero_heatmaps"):
+            return DetectorResult.skip(str(ctx.options["zero_heatmaps"]))
         res = self.run(ctx)
         who = f"detector {self.name!r}"
         if not isinstance(res, DetectorResult):

@@ -49,6 +49,7 @@ def _line(c: str, cen: dict, occ: dict, size: int) -> str:
 @register
 class CleverHansCluster(Detector):
     name = kind = "clever_hans_cluster"
+    needs_heatmaps = True
     scope = "cluster"
     description = "Heatmap clusters whose attention sits off the object or at one fixed spot."
 

@@ -16,6 +16,7 @@ from .base import Context, Detector, DetectorResult, register
 @register
 class OffObjectAttention(Detector):
     name = kind = "off_object_attention"
+    needs_heatmaps = True
     scope = "image"
     description = "Most Grad-CAM mass outside the object mask and lift < 1, summarised per predicted class."
 

@@ -41,6 +41,7 @@ from .base import Context, Detector, DetectorResult, register
 @register
 class SpuriousBackground(Detector):
     name = kind = "spurious_background"
+    needs_heatmaps = True
     scope = "class"
     description = "Classes whose correct predictions attend to the background more than other classes'."
 

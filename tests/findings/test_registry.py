@@ -245,3 +245,16 @@ def test_poor_context_skips_with_reasons(make_table):
                        "spurious_feature"}
     assert all(status[k]["reason"] for k in skipped)
     assert flags == [[] for _ in range(6)]
+
+
+def test_heatmap_detectors_skip_with_the_reason_when_every_cam_is_zero(make_planted):
+    ctx = _rich_ctx(make_planted, 0)
+    ctx.options["zero_heatmaps"] = "the heatmaps are all zero at layer L"
+    findings, status, _ = run_detectors(ctx)
+    heat = {n for n, cls in REGISTRY.items() if cls.needs_heatmaps}
+    assert heat == {"clever_hans_cluster", "off_object_attention", "spurious_background"}
+    for name in heat:
+        assert status[name] == {"status": "skipped", "reason": "the heatmaps are all zero at layer L",
+                                "n_findings": 0, "n_flagged": None}
+    assert not [f for f in findings if f.kind in heat]
+    assert status["misclassified"]["status"] == "ok"
