@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 
 from .errors import BiasscopeError  # noqa: E402
 from .store import Scan, load  # noqa: E402
+# bound after the submodule is imported, so ``biasscope.compare`` is the function
+from .compare import Comparison, compare  # noqa: E402
 
 
 def scan(model, data, **options):
@@ -18,4 +20,4 @@ def scan(model, data, **options):
     return _scan(model, data, **options)
 
 
-__all__ = ["scan", "load", "Scan", "BiasscopeError", "__version__"]
+__all__ = ["scan", "load", "compare", "Comparison", "Scan", "BiasscopeError", "__version__"]

@@ -39,7 +39,8 @@ PreprocessOpt = typer.Option("none", "--preprocess",
 
 
 def _fail(exc: BiasscopeError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escaped: a message quoting a gate like delta.accuracy[cat]<0 must not read as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -280,6 +281,70 @@ def bench(
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
 
+
+
+@app.command()
+def compare(
+    baseline: Path = typer.Argument(..., help="The baseline's finished scan directory (e.g. the model in production)."),
+    candidate: Path = typer.Argument(..., help="The candidate's finished scan directory, over the same images."),
+    out: Path = typer.Option(Path("biasscope-compare"), "--out", help="Directory to write compare.json to."),
+    fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", help="Exit 1 when this gate trips: regressed, new:KIND, delta.accuracy<-0.01, delta.worst_group_acc<-0.02, delta.inside_frac[CLASS]<-0.05. Repeatable.", show_default=False),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write a short Markdown summary (a PR comment, a CI job summary).", dir_okay=False, show_default=False),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML: one test case per gate.", dir_okay=False, show_default=False),
+) -> None:
+    """Compare two stored scans of the same images: accuracy, flips, findings and attention (no TensorFlow)."""
+    from .compare import compare as run_compare
+
+    try:
+        result = run_compare(baseline, candidate, fail_on=fail_on or ())
+        path = result.write(out)
+        if markdown is not None:
+            result.write_markdown(markdown)
+        if junit is not None:
+            result.write_junit(junit)
+    except BiasscopeError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(BiasscopeError(f"cannot write {exc.filename or out}: {exc.strerror or exc}"))
+    _print_comparison(result.result)
+    out_console.print(f"result: {path}", soft_wrap=True, highlight=False)
+    for g in result.gates:
+        mark = "[red]TRIPPED[/]" if g["tripped"] else "[green]ok[/]"
+        out_console.print(f"gate {escape(g['expr'])}: {mark} ({escape(g['detail'])})", highlight=False)
+    if result.tripped:
+        raise typer.Exit(1)
+
+
+def _print_comparison(r: dict) -> None:
+    for w in r["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    table = Table(title=f"biasscope compare: {r['n_paired']:,} paired images", title_justify="left")
+    table.add_column("class", overflow="fold")
+    for col in ("base", "cand", "delta acc (95% CI)", "McNemar p", "lost/won", "d inside"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def pct(x):
+        return "-" if x is None else f"{x:.0%}"
+
+    for cls, row in [*r["per_class"].items(), ("all", r["overall"])]:
+        d, ci = row["delta_accuracy"], row["delta_accuracy_ci"]
+        inside = row.get("inside_frac")
+        table.add_row(escape(str(cls)), pct(row["baseline_accuracy"]), pct(row["candidate_accuracy"]),
+                      "-" if d is None else f"{d:+.2f} ({ci[0]:+.2f}, {ci[1]:+.2f})", f"{row['p_value']:.2g}",
+                      f"{row['right_to_wrong']}/{row['wrong_to_right']}",
+                      "-" if inside is None else f"{inside['delta']:+.3f}")
+    out_console.print(table)
+    fd = r["findings"]
+    out_console.print("findings: " + ", ".join(f"{len(fd[k])} {k}" for k in ("new", "worse", "better", "resolved", "unchanged")),
+                      highlight=False)
+    for k in ("new", "worse"):
+        for e in fd[k][:5]:
+            out_console.print(f"  {k} [red]{e['candidate_severity']:.2f}[/] {escape(str(e['kind']))}  "
+                              f"{escape(str(e['candidate_title']))}", highlight=False, soft_wrap=True)
+    v = r["verdict"]
+    colour = {"regression": "red", "review": "yellow"}.get(v["status"], "green")
+    out_console.print(f"[bold]verdict:[/] [bold {colour}]{escape(v['status'])}[/] - {escape(v['line'])}",
+                      highlight=False, soft_wrap=True)
 
 def main() -> None:
     try:
