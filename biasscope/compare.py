@@ -355,10 +355,9 @@ def _block(sel: np.ndarray, tb: pd.DataFrame, tc: pd.DataFrame, *, n_boot: int, 
            "p_value": mcnemar_exact(r2w, w2r)}
     for m in _METRICS:
         row[m] = paired_bootstrap(_col(tb, m)[sel], _col(tc, m)[sel], n_boot=n_boot, seed=seed)
-    if cf is not None:
-        for m in _CF:
-            b, c = _num(cf[0].get(m)), _num(cf[1].get(m))
-            row[m] = None if b is None or c is None else {"baseline": b, "candidate": c, "delta": c - b}
+    for m in _CF:  # None where a scan has no background tests (and always overall)
+        b, c = (None, None) if cf is None else (_num(cf[0].get(m)), _num(cf[1].get(m)))
+        row[m] = None if b is None or c is None else {"baseline": b, "candidate": c, "delta": c - b}
     return row
 
 

@@ -1,0 +1,369 @@
+"""biasscope.compare: two stored scans without a model (``make_synthetic_scan``), the candidate
+edited to plant known differences; the statistics on small hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from biasscope.cli import app
+from biasscope.compare import compare, mcnemar_exact, paired_bootstrap, parse_gates
+from biasscope.errors import BiasscopeError
+from biasscope.store import load, write_json, write_table
+from test_report import make_synthetic_scan
+
+runner = CliRunner()
+ALL_GATES = ["regressed", "new:spurious_background", "delta.accuracy<-0.01", "delta.worst_group_acc<-0.02",
+             "delta.inside_frac[class_00]<-0.05"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_synthetic_scan(tmp_path_factory.mktemp("base"), 60, n_classes=3)
+
+
+def variant(base: Path, dest: Path, *, table=None, findings=None, analysis=None, meta=None, heat=None) -> Path:
+    """A copy of the scan ``base`` at ``dest`` with its table, findings, analysis, meta or
+    heatmaps passed through the given edit functions."""
+    shutil.copytree(base, dest)
+    s = load(dest)
+    if table is not None:
+        write_table(dest, table(s.table.copy()))
+    if findings is not None:
+        write_json(dest / "findings.json", findings([dict(f) for f in s.findings]))
+    if analysis is not None:
+        write_json(dest / "analysis.json", analysis(json.loads(json.dumps(s.analysis))))
+    if meta is not None:
+        write_json(dest / "meta.json", meta(dict(s.meta)))
+    if heat is not None:
+        h = heat(np.array(s.heatmaps))
+        del s
+        for name in ("heatmaps.npy", "heatmaps_true.npy"):
+            np.save(dest / name, h.astype(np.float16))
+    return dest
+
+
+def flip_right_to_wrong(cls: str, k: int):
+    """Edit: the first ``k`` correctly predicted images of ``cls`` become wrong."""
+    def edit(t: pd.DataFrame) -> pd.DataFrame:
+        rows = t.index[(t["label"] == cls) & t["correct"]][:k]
+        assert len(rows) == k
+        t.loc[rows, "correct"] = False
+        t.loc[rows, "pred"] = "class_01" if cls != "class_01" else "class_02"
+        return t
+    return edit
+
+
+def one_line_error(r, *fragments):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    for frag in fragments:
+        assert frag in lines[0], r.output
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_mcnemar_exact_on_hand_computed_cases():
+    assert mcnemar_exact(8, 0) == pytest.approx(2 * 0.5 ** 8)
+    assert mcnemar_exact(0, 8) == pytest.approx(2 * 0.5 ** 8)
+    # 3 vs 5 of 8: P(X <= 3) + P(X >= 5) = 2 * (1 + 8 + 28 + 56) / 256
+    assert mcnemar_exact(3, 5) == pytest.approx(186 / 256)
+    assert mcnemar_exact(4, 4) == pytest.approx(1.0)
+    assert mcnemar_exact(0, 0) == 1.0
+    with pytest.raises(BiasscopeError):
+        mcnemar_exact(-1, 2)
+
+
+def test_paired_bootstrap_ci_contains_the_true_delta_and_is_seeded():
+    rng = np.random.default_rng(1)
+    b = rng.normal(0.5, 0.2, 400)
+    c = b + rng.normal(0.1, 0.1, 400)  # true mean delta 0.1
+    r = paired_bootstrap(b, c)
+    assert r["n"] == 400 and r["delta"] == pytest.approx(c.mean() - b.mean())
+    lo, hi = r["ci"]
+    assert lo < 0.1 < hi and hi - lo < 0.05  # paired: the CI is that of the differences (sd 0.1)
+    assert paired_bootstrap(b, c) == r
+    # a constant difference has a degenerate CI; undefined pairs are left out
+    r = paired_bootstrap([0.0, 1.0, np.nan, 0.5], [0.2, 1.2, 0.3, np.nan])
+    assert r["n"] == 2 and r["delta"] == pytest.approx(0.2) and r["ci"] == pytest.approx([0.2, 0.2])
+    assert paired_bootstrap([np.nan], [1.0]) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# comparisons
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_scan_compared_with_itself_is_clean(base, tmp_path):
+    cmp = compare(base, base, fail_on=ALL_GATES)
+    r = cmp.result
+    assert r["n_paired"] == 60 and r["warnings"] == []
+    assert r["flips"]["right_to_wrong"]["count"] == 0 and r["flips"]["wrong_to_right"]["count"] == 0
+    fd = r["findings"]
+    assert len(fd["unchanged"]) == len(load(base).findings) > 0
+    assert not (fd["new"] or fd["resolved"] or fd["worse"] or fd["better"])
+    assert [g["tripped"] for g in r["gates"]] == [False] * len(ALL_GATES)
+    assert r["verdict"]["status"] == "no regression"
+    for row in [*r["per_class"].values(), r["overall"]]:
+        assert row["delta_accuracy"] == 0 and row["p_value"] == 1.0 and row["inside_frac"]["delta"] == 0
+    assert r["overall"]["worst_group_acc"]["delta"] == 0
+    assert all(a["mean_delta_inside_frac"] == 0 and a["share_moved_off"] == 0 for a in r["attention_shift"].values())
+    res = runner.invoke(app, ["compare", str(base), str(base), "--out", str(tmp_path / "o"),
+                              *sum((["--fail-on", g] for g in ALL_GATES), [])])
+    assert res.exit_code == 0, res.output
+    assert "no regression" in res.output
+    assert json.loads((tmp_path / "o" / "compare.json").read_text()) == r
+
+
+def test_planted_flips_counted_per_class_with_paths_and_mcnemar(base, tmp_path):
+    cand = variant(base, tmp_path / "cand", table=flip_right_to_wrong("class_00", 8))
+    t = load(cand).table
+    flipped = sorted(t["path"][(t["label"] == "class_00") & ~t["correct"]
+                               & load(base).table["correct"]].tolist())
+    r = compare(base, cand, fail_on=["regressed", "delta.accuracy<-0.01", "delta.accuracy[class_02]<-0.01"]).result
+    f = r["flips"]
+    assert f["right_to_wrong"]["count"] == 8 and f["wrong_to_right"]["count"] == 0
+    assert sorted(f["per_class"]["class_00"]["right_to_wrong"]["paths"]) == flipped
+    assert f["per_class"]["class_01"]["right_to_wrong"]["count"] == 0
+    row = r["per_class"]["class_00"]
+    assert row["delta_accuracy"] == pytest.approx(-8 / 20)
+    assert row["p_value"] == pytest.approx(2 * 0.5 ** 8)
+    lo, hi = row["delta_accuracy_ci"]
+    assert lo <= -8 / 20 <= hi < 0
+    assert r["per_class"]["class_01"]["p_value"] == 1.0
+    assert [g["tripped"] for g in r["gates"]] == [True, True, False]
+    assert "class_00 accuracy" in r["gates"][0]["detail"]
+    assert r["verdict"]["status"] == "regression"
+    # deterministic: the same scans give the same result
+    assert compare(base, cand, fail_on=["regressed"]).result["per_class"] == compare(base, cand).result["per_class"]
+
+
+def test_findings_diff_buckets_and_finding_gates(base, tmp_path):
+    fs = sorted(load(base).findings, key=lambda f: -f["severity"])
+    assert len(fs) >= 5
+    gone, up, down, same = fs[0], fs[1], fs[2], fs[3]
+
+    def edit(found):
+        out = []
+        for f in found:
+            if f["id"] == gone["id"]:
+                continue
+            f = dict(f)
+            if f["id"] == up["id"]:
+                f["severity"] = min(1.0, f["severity"] + 0.2)
+            elif f["id"] == down["id"]:
+                f["severity"] = f["severity"] - 0.15
+            elif f["id"] == same["id"]:
+                f["severity"] = f["severity"] + 0.05
+            out.append(f)
+        out.append({"id": "spurious_background:class_01", "kind": "spurious_background", "scope": "class",
+                    "class": "class_01", "cluster": None, "group": None, "severity": 0.8,
+                    "title": "<b>planted</b>", "evidence": {}, "examples": []})
+        return out
+
+    cand = variant(base, tmp_path / "cand", findings=edit)
+    r = compare(base, cand, fail_on=["new:spurious_background", "new:label_issue", "regressed"]).result
+    fd = r["findings"]
+    assert [(e["kind"], e["class"], e["candidate_severity"]) for e in fd["new"]] == [
+        ("spurious_background", "class_01", 0.8)]
+    assert fd["new"][0]["baseline_severity"] is None and fd["new"][0]["candidate_title"] == "<b>planted</b>"
+    assert [e["baseline_id"] for e in fd["resolved"]] == [gone["id"]]
+    assert fd["resolved"][0]["candidate_severity"] is None
+    assert [e["baseline_id"] for e in fd["worse"]] == [up["id"]]
+    assert [e["baseline_id"] for e in fd["better"]] == [down["id"]]
+    assert same["id"] in [e["baseline_id"] for e in fd["unchanged"]]
+    assert len(fd["unchanged"]) == len(fs) - 3
+    assert fd["worse"][0]["baseline_severity"] == pytest.approx(up["severity"])
+    assert [g["tripped"] for g in r["gates"]] == [True, False, True]
+    assert "new spurious_background finding on class_01 at 0.80" in r["gates"][2]["detail"]
+
+
+def test_regressed_ignores_new_findings_below_0_4(base, tmp_path):
+    def edit(found):
+        return found + [{"id": "x", "kind": "off_object_attention", "scope": "class", "class": "class_02",
+                         "cluster": 7, "group": None, "severity": 0.3, "title": "weak", "evidence": {}}]
+
+    r = compare(base, variant(base, tmp_path / "cand", findings=edit), fail_on=["regressed"]).result
+    assert len(r["findings"]["new"]) == 1 and not r["gates"][0]["tripped"]
+    assert r["verdict"]["status"] == "review"
+
+
+def test_inside_frac_gate_and_attention_shift_with_masks(base, tmp_path):
+    def edit(t):
+        rows = t.index[t["label"] == "class_01"]
+        t.loc[rows, "inside_frac"] = (t.loc[rows, "inside_frac"] - 0.1).clip(lower=0)
+        t.loc[rows[:5], "inside_frac"] = -1.0  # dropped by far more than 0.2 (an impossible value is fine here)
+        return t
+
+    cand = variant(base, tmp_path / "cand", table=edit)
+    r = compare(base, cand, fail_on=["delta.inside_frac[class_01]<-0.05", "delta.inside_frac[class_00]<-0.05",
+                                     "delta.inside_frac<=-0.5"]).result
+    assert [g["tripped"] for g in r["gates"]] == [True, False, False]
+    a = r["attention_shift"]
+    assert a["class_01"]["method"] == "inside_frac" and a["class_01"]["mean_delta_inside_frac"] < -0.05
+    assert a["class_01"]["share_moved_off"] == pytest.approx(5 / 20)
+    assert a["class_00"]["share_moved_off"] == 0
+    assert r["per_class"]["class_01"]["inside_frac"]["delta"] == pytest.approx(a["class_01"]["mean_delta_inside_frac"])
+
+
+def test_attention_shift_without_masks_uses_the_cam_centre(base, tmp_path):
+    def no_masks(t):
+        for c in ("inside_frac", "mask_frac", "lift", "pointing_hit", "energy_inside"):
+            t[c] = np.nan
+        return t
+
+    b = variant(base, tmp_path / "b", table=no_masks)
+    labels = load(b).table["label"].to_numpy()
+
+    def move(h):  # class_02's CAMs: a blob at the far left for the baseline's far right
+        h[labels == "class_02"] = 0.0
+        h[labels == "class_02", 3, 6] = 1.0
+        return h
+
+    def left(h):
+        h[labels == "class_02"] = 0.0
+        h[labels == "class_02", 3, 0] = 1.0
+        return h
+
+    b = variant(b, tmp_path / "b2", heat=move)
+    c = variant(b, tmp_path / "c", heat=left)
+    r = compare(b, c, fail_on=["delta.inside_frac[class_02]<-0.05"]).result
+    a = r["attention_shift"]
+    assert a["class_02"]["method"] == "cam_centre" and a["class_02"]["mean_delta_inside_frac"] is None
+    assert a["class_02"]["share_moved_off"] == 1.0
+    assert a["class_02"]["mean_centre_shift"] == pytest.approx(6 / 7, abs=1e-3)
+    assert a["class_00"]["share_moved_off"] == 0
+    assert r["per_class"]["class_02"]["inside_frac"] is None
+    assert not r["gates"][0]["tripped"] and "not available" in r["gates"][0]["detail"]
+
+
+def test_worst_group_gate(base, tmp_path):
+    def edit(t):
+        rows = t.index[(t["label"] == "class_02") & (t["background"] == "indoor")]
+        t.loc[rows, "correct"] = False
+        return t
+
+    r = compare(base, variant(base, tmp_path / "cand", table=edit),
+                fail_on=["delta.worst_group_acc<-0.02", "delta.worst_group_acc<-0.9"]).result
+    wg = r["overall"]["worst_group_acc"]
+    assert wg["candidate"] == 0 and wg["delta"] == pytest.approx(-wg["baseline"])
+    assert wg["candidate_group"]["value"] == "indoor"
+    assert [g["tripped"] for g in r["gates"]] == [True, wg["delta"] < -0.9]
+
+
+def test_operators(base):
+    r = compare(base, base, fail_on=["delta.accuracy>=0", "delta.accuracy>0", "delta.lift<=0",
+                                     "delta.pointing_hit[class_02]<0"]).result
+    assert [g["tripped"] for g in r["gates"]] == [True, False, True, False]
+
+
+def test_background_test_deltas_where_both_scans_have_them(base, tmp_path):
+    def cf(gap, rate):
+        def edit(a):
+            a["counterfactuals"] = {"classes": {"class_00": {"bg_gap": gap, "only_bg_rate": rate}}}
+            return a
+        return edit
+
+    b = variant(base, tmp_path / "b", analysis=cf(0.1, 0.2))
+    c = variant(base, tmp_path / "c", analysis=cf(0.4, 0.5))
+    r = compare(b, c, fail_on=["delta.bg_gap[class_00]>0.2", "delta.bg_gap[class_01]>0.2"]).result
+    row = r["per_class"]["class_00"]
+    assert row["bg_gap"] == pytest.approx({"baseline": 0.1, "candidate": 0.4, "delta": 0.3})
+    assert row["only_bg_rate"]["delta"] == pytest.approx(0.3)
+    assert r["per_class"]["class_01"]["bg_gap"] is None
+    assert [g["tripped"] for g in r["gates"]] == [True, False]
+    assert compare(base, base).result["per_class"]["class_00"]["bg_gap"] is None  # no background tests run
+
+
+def test_partial_overlap_compares_the_intersection_with_a_warning(base, tmp_path):
+    keep = np.arange(60) >= 10
+    cand = variant(base, tmp_path / "cand", table=lambda t: t[keep].reset_index(drop=True),
+                   heat=lambda h: h[keep])
+    cmp = compare(base, cand)
+    assert cmp.result["n_paired"] == 50
+    assert any("partial overlap" in w and "10 only in the baseline" in w for w in cmp.result["warnings"])
+    assert cmp.result["flips"]["right_to_wrong"]["count"] == 0
+    res = runner.invoke(app, ["compare", str(base), str(cand), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and "partial overlap" in res.output
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input and gates: one line, exit 2, before any work
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gate, fragment", [
+    ("delta.foo<1", "unknown figure 'foo'"),
+    ("new:nonsense", "unknown finding kind 'nonsense'"),
+    ("delta.accuracy[nope]<0", "unknown class 'nope'"),
+    ("delta.worst_group_acc[class_00]<0", "no per-class value"),
+    ("accuracy<0.9", "malformed"),
+    ("delta.accuracy==0", "malformed"),
+])
+def test_unknown_or_malformed_gate_is_a_one_line_error(base, tmp_path, gate, fragment):
+    one_line_error(runner.invoke(app, ["compare", str(base), str(base), "--out", str(tmp_path / "o"),
+                                       "--fail-on", gate]), fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_gate_fails_before_reading_the_scans(tmp_path):
+    one_line_error(runner.invoke(app, ["compare", str(tmp_path / "nope1"), str(tmp_path / "nope2"),
+                                       "--fail-on", "delta.foo<1"]), "unknown figure")
+    with pytest.raises(BiasscopeError, match="malformed"):
+        parse_gates(["regressed", "regresed"])
+
+
+def test_no_overlap_different_classes_not_a_scan_unfinished(base, tmp_path):
+    moved = variant(base, tmp_path / "moved", table=lambda t: t.assign(path="elsewhere/" + t["path"]))
+    one_line_error(runner.invoke(app, ["compare", str(base), str(moved)]), "no image in common")
+    other = variant(base, tmp_path / "other", meta=lambda m: {**m, "classes": ["class_00", "class_01", "cat"]})
+    one_line_error(runner.invoke(app, ["compare", str(base), str(other)]), "different classes", "'cat'")
+    (tmp_path / "junk").mkdir()
+    one_line_error(runner.invoke(app, ["compare", str(base), str(tmp_path / "junk")]), "not a biasscope scan")
+    running = variant(base, tmp_path / "running", meta=lambda m: {**m, "status": "running"})
+    one_line_error(runner.invoke(app, ["compare", str(running), str(base)]), "not finished")
+    out_file = tmp_path / "file"
+    out_file.write_text("x")
+    one_line_error(runner.invoke(app, ["compare", str(base), str(base), "--out", str(out_file)]), "is a file")
+
+
+# ----------------------------------------------------------------------------------------------
+# CI outputs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_markdown_and_junit_written_and_parseable(base, tmp_path):
+    cand = variant(base, tmp_path / "cand", table=flip_right_to_wrong("class_00", 8))
+    md, xml = tmp_path / "summary.md", tmp_path / "gates.xml"
+    res = runner.invoke(app, ["compare", str(base), str(cand), "--out", str(tmp_path / "o"),
+                              "--fail-on", "regressed", "--fail-on", "delta.accuracy[class_01]<-0.01",
+                              "--fail-on", "delta.accuracy<-0.01", "--markdown", str(md), "--junit", str(xml)])
+    assert res.exit_code == 1, res.output
+    assert "regression" in res.output and "TRIPPED" in res.output
+    text = md.read_text()
+    assert text.startswith("## biasscope compare: regression")
+    assert "| class_00 |" in text and "8 right to wrong" in text and "`regressed` | **tripped**" in text
+    root = ET.parse(xml).getroot()
+    cases = root.findall(".//testcase")
+    assert [c.get("name") for c in cases] == ["regressed", "delta.accuracy[class_01]<-0.01", "delta.accuracy<-0.01"]
+    assert [c.find("failure") is not None for c in cases] == [True, False, True]
+    assert root.get("tests") == "3" and root.get("failures") == "2"
+    assert root.find("testsuite").get("failures") == "2"
+
+
+def test_api_export(base):
+    import biasscope
+
+    cmp = biasscope.compare(base, load(base))
+    assert isinstance(cmp, biasscope.Comparison) and cmp.verdict == "no regression" and not cmp.tripped
