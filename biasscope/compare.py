@@ -158,7 +158,7 @@ def parse_gates(expr_list, *, classes=None, kinds=None) -> list[dict]:
     BiasscopeError
         For a malformed expression, an unknown figure, kind or class (naming the expression).
     """
-    gates = []
+    gates: list[dict] = []
     for expr in expr_list or []:
         if not isinstance(expr, str):
             raise BiasscopeError(f"--fail-on expression must be a string, got {expr!r}")
@@ -375,7 +375,7 @@ def _diff_findings(base: list, cand: list) -> dict:
         for f in sorted(fs, key=lambda f: -float(f.get("severity") or 0.0)):
             k = _finding_key(f)
             n = sum(1 for kk in out if kk[:-1] == k)  # a second finding under one key pairs with the second
-            out[(*k, n)] = f
+            out[k + (n,)] = f
         return out
 
     kb, kc = keyed(base), keyed(cand)
