@@ -287,7 +287,8 @@ def bench(
 def compare(
     baseline: Path = typer.Argument(..., help="The baseline's finished scan directory (e.g. the model in production)."),
     candidate: Path = typer.Argument(..., help="The candidate's finished scan directory, over the same images."),
-    out: Path = typer.Option(Path("biasscope-compare"), "--out", help="Directory to write compare.json to."),
+    out: Path = typer.Option(Path("biasscope-compare"), "--out", help="Directory to write compare.json and compare.html to."),
+    html: bool = typer.Option(True, "--html/--no-html", help="Write OUT/compare.html."),
     fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", help="Exit 1 when this gate trips: regressed, new:KIND, delta.accuracy<-0.01, delta.worst_group_acc<-0.02, delta.inside_frac[CLASS]<-0.05. Repeatable.", show_default=False),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write a short Markdown summary (a PR comment, a CI job summary).", dir_okay=False, show_default=False),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML: one test case per gate.", dir_okay=False, show_default=False),
@@ -297,7 +298,7 @@ def compare(
 
     try:
         result = run_compare(baseline, candidate, fail_on=fail_on or ())
-        path = result.write(out)
+        path = result.write(out, html=html)
         if markdown is not None:
             result.write_markdown(markdown)
         if junit is not None:
@@ -308,6 +309,8 @@ def compare(
         _fail(BiasscopeError(f"cannot write {exc.filename or out}: {exc.strerror or exc}"))
     _print_comparison(result.result)
     out_console.print(f"result: {path}", soft_wrap=True, highlight=False)
+    if html:
+        out_console.print(f"report: {path.parent / 'compare.html'}", soft_wrap=True, highlight=False)
     for g in result.gates:
         mark = "[red]TRIPPED[/]" if g["tripped"] else "[green]ok[/]"
         out_console.print(f"gate {escape(g['expr'])}: {mark} ({escape(g['detail'])})", highlight=False)
@@ -324,7 +327,7 @@ def _print_comparison(r: dict) -> None:
         table.add_column(col, justify="right", no_wrap=True)
 
     def pct(x):
-        return "-" if x is None else f"{x:.0%}"
+        return "-" if x is None else f"{x:.1%}"
 
     for cls, row in [*r["per_class"].items(), ("all", r["overall"])]:
         d, ci = row["delta_accuracy"], row["delta_accuracy_ci"]

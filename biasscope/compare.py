@@ -20,6 +20,9 @@ returns a :class:`Comparison` whose ``result`` is the JSON-serialisable dict wri
   by more than 0.25 image widths (without);
 * ``gates``, ``verdict``, ``warnings``.
 
+``Comparison.write(out)`` writes ``compare.json`` and ``compare.html`` (the report's stack:
+``biasscope/report/compare.py``).
+
 Gate expressions (no ``eval``; a small regular grammar):
 
 * ``regressed`` -- any new or worse finding at severity >= 0.4, or any class whose accuracy
@@ -272,15 +275,24 @@ class Comparison:
     def verdict(self) -> str:
         return self.result["verdict"]["status"]
 
-    def write(self, out_dir) -> Path:
-        """Write ``OUT/compare.json``; returns its path."""
+    def write(self, out_dir, *, html: bool = True) -> Path:
+        """Write ``OUT/compare.json`` and (``html``) ``OUT/compare.html``; returns the JSON's path."""
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise BiasscopeError(f"--out {out} is a file")
         out.mkdir(parents=True, exist_ok=True)
         path = out / "compare.json"
         write_json(path, self.result)
+        if html:
+            self.write_html(out / "compare.html")
         return path
+
+    def write_html(self, path) -> Path:
+        """The self-contained offline page (verdict, per-class deltas, findings diff, flips,
+        attention shift); returns its path."""
+        from .report.compare import write_compare_html
+
+        return write_compare_html(self.result, path)
 
     def to_markdown(self) -> str:
         """A short summary for a pull request or a CI job summary."""

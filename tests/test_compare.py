@@ -367,3 +367,79 @@ def test_api_export(base):
 
     cmp = biasscope.compare(base, load(base))
     assert isinstance(cmp, biasscope.Comparison) and cmp.verdict == "no regression" and not cmp.tripped
+
+
+# ----------------------------------------------------------------------------------------------
+# compare.html
+# ----------------------------------------------------------------------------------------------
+
+XSS_CLASS = "<img src=x onerror=alert(1)>"
+XSS_FILE = '"><img src=x onerror="window.__pwned=1">'
+
+
+@pytest.fixture(scope="module")
+def hostile(base, tmp_path_factory) -> tuple[Path, Path]:
+    """The base scan with class_00 renamed to markup and its paths made hostile; and a
+    candidate where 4 of its images flipped to wrong."""
+    root = tmp_path_factory.mktemp("hostile")
+
+    def names(t):
+        t = t.replace({"label": {"class_00": XSS_CLASS}, "pred": {"class_00": XSS_CLASS}})
+        t["path"] = [XSS_FILE + p if lab == XSS_CLASS else p for p, lab in zip(t["path"], t["label"])]
+        return t
+
+    def found(fs):
+        return [{**f, "class": XSS_CLASS if f.get("class") == "class_00" else f.get("class"),
+                 "title": str(f.get("title")).replace("class_00", XSS_CLASS)} for f in fs]
+
+    b = variant(base, root / "b", table=names, findings=found,
+                meta=lambda m: {**m, "classes": [XSS_CLASS, "class_01", "class_02"]})
+    c = variant(b, root / "c", table=flip_right_to_wrong(XSS_CLASS, 4))
+    return b, c
+
+
+def test_compare_html_is_self_contained_and_escapes_user_strings(hostile, tmp_path):
+    b, c = hostile
+    res = runner.invoke(app, ["compare", str(b), str(c), "--out", str(tmp_path / "o"), "--fail-on", "regressed"])
+    assert res.exit_code == 0, res.output  # 4 of 20 flipped: p = 0.125, not significant
+    html = (tmp_path / "o" / "compare.html").read_text()
+    assert XSS_CLASS not in html
+    assert XSS_FILE not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html  # shown as text by Jinja autoescape
+    assert html.count("<script>") == 2 and "innerHTML" not in html.split("<script>")[-1]
+    assert "http://" not in html.split("<script>")[0] and "https://" not in html.split("<script>")[0]
+    r = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert r["flips"]["per_class"][XSS_CLASS]["right_to_wrong"]["count"] == 4
+    assert runner.invoke(app, ["compare", str(b), str(c), "--out", str(tmp_path / "p"), "--no-html"]).exit_code == 0
+    assert not (tmp_path / "p" / "compare.html").exists()
+
+
+def test_compare_html_in_chromium(hostile, tmp_path):
+    import os
+
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("/usr/bin/chromium not installed (apt-get install chromium; .ci/run does it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) not installed")
+    b, c = hostile
+    compare(b, c).write(tmp_path)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                     args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            errors, dialogs = [], []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto((tmp_path / "compare.html").resolve().as_uri())
+            page.wait_for_selector("#delta-chart .main-svg", timeout=30000)
+            page.select_option("#flip-class", index=2)  # the hostile class's right-to-wrong list
+            items = page.eval_on_selector_all("#flip-list li", "els => els.map(e => e.textContent)")
+            assert len(items) == 4 and all(i.startswith(XSS_FILE) for i in items)
+            assert page.eval_on_selector_all("#flip-list img, #classes img", "els => els.length") == 0
+            assert page.evaluate("window.__pwned") is None
+            ticks = page.eval_on_selector_all("#delta-chart .xtick text", "els => els.map(e => e.textContent)")
+            assert XSS_CLASS in ticks
+            assert errors == [] and dialogs == []
+        finally:
+            browser.close()
