@@ -449,10 +449,14 @@ def _attributes(scan: Scan) -> list:
 
 
 def _verdict(result: dict) -> dict:
+    """``regression`` when ``regressed`` would trip or any requested gate tripped; ``review``
+    when there is a new or worse finding below 0.4, or more right-to-wrong than wrong-to-right
+    flips; else ``no regression``."""
     reasons = _regressions(result)
-    if reasons or any(g["tripped"] for g in result["gates"]):
+    tripped = [g["expr"] for g in result["gates"] if g["tripped"]]
+    if reasons or tripped:
         status = "regression"
-        line = "; ".join(reasons[:3]) if reasons else "a gate tripped"
+        line = "; ".join(reasons[:3]) if reasons else "gate " + ", ".join(tripped) + " tripped"
     else:
         review = []
         n_new = len(result["findings"]["new"]) + len(result["findings"]["worse"])

@@ -266,6 +266,7 @@ def test_operators(base):
     r = compare(base, base, fail_on=["delta.accuracy>=0", "delta.accuracy>0", "delta.lift<=0",
                                      "delta.pointing_hit[class_02]<0"]).result
     assert [g["tripped"] for g in r["gates"]] == [True, False, True, False]
+    assert r["verdict"] == {"status": "regression", "line": "gate delta.accuracy>=0, delta.lift<=0 tripped"}
 
 
 def test_background_test_deltas_where_both_scans_have_them(base, tmp_path):
