@@ -292,7 +292,7 @@ class Comparison:
         attention shift); returns its path."""
         from .report.compare import write_compare_html
 
-        return write_compare_html(self.result, path)
+        return write_compare_html(self.result, path, self.baseline, self.candidate)
 
     def to_markdown(self) -> str:
         """A short summary for a pull request or a CI job summary."""

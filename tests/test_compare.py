@@ -437,10 +437,31 @@ def test_compare_html_in_chromium(hostile, tmp_path):
             page.select_option("#flip-class", index=2)  # the hostile class's right-to-wrong list
             items = page.eval_on_selector_all("#flip-list li", "els => els.map(e => e.textContent)")
             assert len(items) == 4 and all(i.startswith(XSS_FILE) for i in items)
-            assert page.eval_on_selector_all("#flip-list img, #classes img", "els => els.length") == 0
+            assert page.eval_on_selector_all("#flip-list img, #classes img, #findings img", "els => els.length") == 0
+            page.click("#flip-list li:nth-child(2) button")
+            view = page.eval_on_selector_all("#flip-view img", "els => els.map(e => e.src.slice(0, 11))")
+            assert view == ["data:image/", "data:image/"]
+            caps = page.eval_on_selector_all("#flip-view figcaption", "els => els.map(e => e.textContent)")
+            assert caps == ["baseline: predicted " + XSS_CLASS, "candidate: predicted class_01"]
+            assert page.text_content("#flip-view .path") == items[1] + " (label " + XSS_CLASS + ")"
             assert page.evaluate("window.__pwned") is None
             ticks = page.eval_on_selector_all("#delta-chart .xtick text", "els => els.map(e => e.textContent)")
             assert XSS_CLASS in ticks
             assert errors == [] and dialogs == []
         finally:
             browser.close()
+
+
+def test_compare_html_flipped_images_carry_both_cams(base, tmp_path):
+    cand = variant(base, tmp_path / "cand", table=flip_right_to_wrong("class_02", 3))
+    cmp = compare(base, cand)
+    from biasscope.report.compare import _flip_images
+
+    images, index = _flip_images(cmp.result, cmp.baseline, cmp.candidate)
+    assert len(images) == 3 and set(index) == set(cmp.result["flips"]["right_to_wrong"]["paths"])
+    # the images exist under the scan's data folder: CAM overlays on them (JPEG), one per model
+    assert all(im["baseline"].startswith("data:image/jpeg") and im["candidate"].startswith("data:image/jpeg")
+               for im in images)
+    assert {im["candidate_pred"] for im in images} == {"class_01"} and {im["label"] for im in images} == {"class_02"}
+    cmp.write(tmp_path / "o")
+    assert (tmp_path / "o" / "compare.html").read_text().count("data:image/jpeg") >= 6
