@@ -465,3 +465,15 @@ def test_compare_html_flipped_images_carry_both_cams(base, tmp_path):
     assert {im["candidate_pred"] for im in images} == {"class_01"} and {im["label"] for im in images} == {"class_02"}
     cmp.write(tmp_path / "o")
     assert (tmp_path / "o" / "compare.html").read_text().count("data:image/jpeg") >= 6
+
+
+def test_compare_needs_no_tensorflow(base, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from biasscope.cli import main; sys.argv = ['biasscope', 'compare', sys.argv[1], "
+            "sys.argv[1], '--out', sys.argv[2]]\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nassert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    r = subprocess.run([sys.executable, "-c", code, str(base), str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "compare.html").is_file()
