@@ -319,6 +319,8 @@ def compare(
 
 
 def _print_comparison(r: dict) -> None:
+    from .compare import shown_classes
+
     for w in r["warnings"]:
         err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     table = Table(title=f"biasscope compare: {r['n_paired']:,} paired images", title_justify="left")
@@ -329,7 +331,10 @@ def _print_comparison(r: dict) -> None:
     def pct(x):
         return "-" if x is None else f"{x:.1%}"
 
-    for cls, row in [*r["per_class"].items(), ("all", r["overall"])]:
+    shown = shown_classes(r)
+    if len(shown) < len(r["per_class"]):
+        table.caption = f"the {len(shown)} of {len(r['per_class'])} classes with the lowest accuracy delta; all in compare.json"
+    for cls, row in [*shown, ("all", r["overall"])]:
         d, ci = row["delta_accuracy"], row["delta_accuracy_ci"]
         inside = row.get("inside_frac")
         table.add_row(escape(str(cls)), pct(row["baseline_accuracy"]), pct(row["candidate_accuracy"]),

@@ -614,6 +614,23 @@ def _signed(x, ci=None) -> str:
     return s + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
 
 
+#: Classes listed in the Markdown summary and on the terminal, at most (the lowest accuracy
+#: deltas first when there are more); compare.json and compare.html list every class.
+MAX_CLASSES_SHOWN = 20
+
+
+def shown_classes(result: dict, limit: int = MAX_CLASSES_SHOWN) -> list:
+    """``[(class, per_class row)]``: every class in order, or the ``limit`` with the lowest
+    accuracy delta when there are more."""
+    rows = list(result["per_class"].items())
+    if len(rows) <= limit:
+        return rows
+    def key(item):
+        d = item[1]["delta_accuracy"]
+        return (d is None, d if d is not None else 0.0)
+    return sorted(rows, key=key)[:limit]
+
+
 def to_markdown(result: dict) -> str:
     """A short Markdown summary of a comparison result."""
     v = result["verdict"]
@@ -621,9 +638,11 @@ def to_markdown(result: dict) -> str:
     lines = [f"## biasscope compare: {v['status']}", "", _md(v["line"]), "",
              f"{result['n_paired']:,} paired images; {f['right_to_wrong']['count']} right to wrong, "
              f"{f['wrong_to_right']['count']} wrong to right.", "",
+             *([f"The {MAX_CLASSES_SHOWN} of {len(result['per_class'])} classes with the lowest accuracy delta:", ""]
+               if len(result["per_class"]) > MAX_CLASSES_SHOWN else []),
              "| class | baseline | candidate | delta accuracy [95% CI] | McNemar p | delta inside_frac |",
              "|---|---|---|---|---|---|"]
-    rows = list(result["per_class"].items()) + [("all", result["overall"])]
+    rows = shown_classes(result) + [("all", result["overall"])]
     for cls, r in rows:
         inside = r.get("inside_frac")
         lines.append(f"| {_md(cls)} | {_pct(r['baseline_accuracy'])} | {_pct(r['candidate_accuracy'])} | "

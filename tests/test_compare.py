@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from biasscope.cli import app
-from biasscope.compare import compare, mcnemar_exact, paired_bootstrap, parse_gates
+from biasscope.compare import _centres, compare, mcnemar_exact, paired_bootstrap, parse_gates, shown_classes
 from biasscope.errors import BiasscopeError
 from biasscope.store import load, write_json, write_table
 from test_report import make_synthetic_scan
@@ -332,6 +332,8 @@ def test_no_overlap_different_classes_not_a_scan_unfinished(base, tmp_path):
     one_line_error(runner.invoke(app, ["compare", str(base), str(other)]), "different classes", "'cat'")
     (tmp_path / "junk").mkdir()
     one_line_error(runner.invoke(app, ["compare", str(base), str(tmp_path / "junk")]), "not a biasscope scan")
+    (tmp_path / "file.keras").write_bytes(b"PK\x03\x04 not a scan")
+    one_line_error(runner.invoke(app, ["compare", str(tmp_path / "file.keras"), str(base)]), "not a biasscope scan")
     running = variant(base, tmp_path / "running", meta=lambda m: {**m, "status": "running"})
     one_line_error(runner.invoke(app, ["compare", str(running), str(base)]), "not finished")
     out_file = tmp_path / "file"
@@ -477,3 +479,20 @@ def test_compare_needs_no_tensorflow(base, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(base), str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o" / "compare.html").is_file()
+
+
+def test_cam_centres_are_resolution_free():
+    h7 = np.zeros((2, 7, 7))
+    h7[0, 3, 6] = 1.0  # the centre of the right-most column
+    h14 = np.zeros((2, 14, 14))
+    h14[0, 6:8, 12:14] = 1.0  # the same place at twice the resolution
+    c7, c14 = _centres(h7), _centres(h14)
+    assert c7[0] == pytest.approx([0.5, 13 / 14]) and c14[0] == pytest.approx(c7[0])
+    assert np.isnan(c7[1]).all()  # an all-zero CAM has no centre
+
+
+def test_many_classes_shown_worst_first():
+    per = {f"c{i}": {"delta_accuracy": -i / 100} for i in range(30)}
+    per["c_none"] = {"delta_accuracy": None}
+    shown = shown_classes({"per_class": per})
+    assert [c for c, _ in shown][:3] == ["c29", "c28", "c27"] and len(shown) == 20
