@@ -246,6 +246,11 @@ def test_attention_shift_without_masks_uses_the_cam_centre(base, tmp_path):
     assert a["class_00"]["share_moved_off"] == 0
     assert r["per_class"]["class_02"]["inside_frac"] is None
     assert not r["gates"][0]["tripped"] and "not available" in r["gates"][0]["detail"]
+    json.dumps(r, allow_nan=False)  # strict JSON: every undefined figure is null
+    one_sided = compare(base, b).result
+    assert any("only one scan has masks" in w for w in one_sided["warnings"])
+    assert one_sided["overall"]["inside_frac"] is None and one_sided["attention_shift"]["class_00"]["method"] == "cam_centre"
+    json.dumps(one_sided, allow_nan=False)
 
 
 def test_worst_group_gate(base, tmp_path):
