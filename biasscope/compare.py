@@ -299,15 +299,21 @@ class Comparison:
         return to_markdown(self.result)
 
     def write_markdown(self, path) -> Path:
-        p = Path(path)
-        p.write_text(self.to_markdown())
-        return p
+        return _write_bytes(path, self.to_markdown().encode("utf-8"))
 
     def write_junit(self, path) -> Path:
         """One JUnit test case per gate, failed when it tripped."""
-        p = Path(path)
-        p.write_bytes(to_junit(self.result))
-        return p
+        return _write_bytes(path, to_junit(self.result))
+
+
+def _write_bytes(path, data: bytes) -> Path:
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    except OSError as exc:
+        raise BiasscopeError(f"cannot write {p}: {exc.strerror or exc}") from None
+    return p
 
 
 def _as_scan(x, role: str) -> Scan:
@@ -378,7 +384,7 @@ def _finding_key(f: dict) -> tuple:
     group = (str(g.get("attribute")), str(g.get("value"))) if isinstance(g, dict) else (None if g is None else str(g))
     cluster = f.get("cluster")
     return (str(f.get("kind")), None if f.get("class") is None else str(f.get("class")),
-            None if cluster is None else int(cluster), group)
+            None if cluster is None else str(cluster), group)
 
 
 def _diff_findings(base: list, cand: list) -> dict:
@@ -489,6 +495,8 @@ def compare(baseline, candidate, *, fail_on=(), n_boot: int = 1000, seed: int = 
         A malformed or unknown gate, an input that is not a finished scan, scans with no image
         in common or with different class sets.
     """
+    if isinstance(fail_on, str):
+        fail_on = [fail_on]
     parse_gates(fail_on)  # syntax and figure names first, before reading anything
     b, c = _as_scan(baseline, "baseline"), _as_scan(candidate, "candidate")
     if set(b.classes) != set(c.classes):

@@ -267,6 +267,13 @@ def test_worst_group_gate(base, tmp_path):
     assert [g["tripped"] for g in r["gates"]] == [True, wg["delta"] < -0.9]
 
 
+def test_cannot_write_is_a_one_line_error(base, tmp_path):
+    (tmp_path / "f").write_text("x")
+    one_line_error(runner.invoke(app, ["compare", str(base), str(base), "--out", str(tmp_path / "o"),
+                                       "--markdown", str(tmp_path / "f" / "s.md")]), "cannot write")
+    assert compare(base, base, fail_on="regressed").result["gates"][0]["expr"] == "regressed"  # one string
+
+
 def test_operators(base):
     r = compare(base, base, fail_on=["delta.accuracy>=0", "delta.accuracy>0", "delta.lift<=0",
                                      "delta.pointing_hit[class_02]<0"]).result
