@@ -168,3 +168,35 @@ def test_watermark_is_a_clever_hans_cluster_on_the_patch(watermarked, tmp_path_f
                                           [f["cluster"] for f in hans])])
     marked = set(wm["val_paths"])
     assert len(members & marked) >= 0.9 * len(members)
+
+
+def test_compare_the_shortcut_model_against_the_unbiased_one(biased_scan, unbiased_scan, biased,
+                                                             tmp_path):
+    # pre-release review: the unbiased model in production, the shortcut model as candidate,
+    # on the same validation images (the val split does not depend on the training bias)
+    from typer.testing import CliRunner
+
+    from biasscope.cli import app
+
+    truth = biased[2]
+    c = biasscope.compare(unbiased_scan, biased_scan)
+    new = {(f["kind"], f["class"]) for f in c.result["findings"]["new"]}
+    print("\nnew findings:", sorted(new))
+    for cls in truth["biased_classes"]:
+        assert ("spurious_feature", cls) in new, new
+    flips = c.result["flips"]
+    assert flips["right_to_wrong"]["count"] > flips["wrong_to_right"]["count"], flips
+    assert c.verdict == "regression"
+    runner = CliRunner()
+    r = runner.invoke(app, ["compare", str(unbiased_scan.path), str(biased_scan.path),
+                            "--out", str(tmp_path / "cmp"), "--fail-on", "regressed"])
+    assert r.exit_code == 1, r.output
+    assert (tmp_path / "cmp" / "compare.json").is_file()
+    # a scan compared with itself is clean
+    same = biasscope.compare(biased_scan, biased_scan)
+    assert same.result["findings"]["new"] == [] and same.result["findings"]["worse"] == []
+    assert same.result["flips"]["right_to_wrong"]["count"] == 0
+    assert same.result["flips"]["wrong_to_right"]["count"] == 0
+    r = runner.invoke(app, ["compare", str(biased_scan.path), str(biased_scan.path),
+                            "--out", str(tmp_path / "self"), "--fail-on", "regressed"])
+    assert r.exit_code == 0, r.output
