@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BiasscopeError
-from .store import Scan, load, write_json
+from .store import Scan, load, write_file, write_json
 
 __all__ = ["compare", "Comparison", "parse_gates", "mcnemar_exact", "paired_bootstrap", "FIGURES"]
 
@@ -299,21 +299,11 @@ class Comparison:
         return to_markdown(self.result)
 
     def write_markdown(self, path) -> Path:
-        return _write_bytes(path, self.to_markdown().encode("utf-8"))
+        return write_file(path, self.to_markdown().encode("utf-8"))
 
     def write_junit(self, path) -> Path:
         """One JUnit test case per gate, failed when it tripped."""
-        return _write_bytes(path, to_junit(self.result))
-
-
-def _write_bytes(path, data: bytes) -> Path:
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    except OSError as exc:
-        raise BiasscopeError(f"cannot write {p}: {exc.strerror or exc}") from None
-    return p
+        return write_file(path, to_junit(self.result))
 
 
 def _as_scan(x, role: str) -> Scan:

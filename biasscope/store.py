@@ -40,6 +40,20 @@ def _atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def write_file(path, data: bytes | str, *, what: str | None = None) -> Path:
+    """Write a user-facing output file (a report, a summary) atomically, creating its folder;
+    an OSError becomes a one-line BiasscopeError ("cannot write [WHAT to] PATH: reason")."""
+    out = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(out, lambda p: Path(p).write_bytes(raw))
+    except OSError as exc:
+        target = f"{what} to {out}" if what else str(out)
+        raise BiasscopeError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return out
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     def write(p):
         with open(p, "wb") as fh:  # a file object: np.save would append .npy to a bare name

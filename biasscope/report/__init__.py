@@ -17,7 +17,6 @@ Layout of the package::
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -143,18 +142,10 @@ def write_report(scan_or_dir, path=None) -> Path:
     BiasscopeError
         If the directory is not a finished scan or the file cannot be written.
     """
-    from biasscope.store import Scan, load
+    from biasscope.store import Scan, load, write_file
 
     scan = scan_or_dir if isinstance(scan_or_dir, Scan) else load(scan_or_dir)
     out = Path(path) if path is not None else Path(scan.path) / "report.html"
     if out.is_dir():
         raise BiasscopeError(f"--out {out}: is a directory; give a file name such as {out / 'report.html'}")
-    text = render_html(scan)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise BiasscopeError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
-    return out
+    return write_file(out, render_html(scan), what="the report")

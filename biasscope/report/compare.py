@@ -7,13 +7,11 @@ insert text with ``textContent`` only. It reads only the comparison's result dic
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from markupsafe import Markup
 
-from biasscope.errors import BiasscopeError
 
 from . import _environment, _plotly_js, _plotly_template, _script
 from .escape import plotly_text, script_json
@@ -175,13 +173,6 @@ def render_compare_html(result: dict, baseline=None, candidate=None) -> str:
 
 
 def write_compare_html(result: dict, path, baseline=None, candidate=None) -> Path:
-    out = Path(path)
-    text = render_compare_html(result, baseline, candidate)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise BiasscopeError(f"cannot write {out}: {exc.strerror or exc}") from None
-    return out
+    from biasscope.store import write_file
+
+    return write_file(path, render_compare_html(result, baseline, candidate))
