@@ -40,7 +40,7 @@ import numpy as np
 
 from .stats import boot_ratio, interval
 
-__all__ = ["attractor_stats", "explained_by_attractor", "find_attractors"]
+__all__ = ["attractor_stats", "explained_by_attractor", "find_attractors", "index_positions"]
 
 
 def _per_image(cf: dict) -> dict | None:
@@ -60,7 +60,7 @@ def _per_image(cf: dict) -> dict | None:
     return out
 
 
-def _positions(index: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def index_positions(index: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Row positions of dataset indices ``ids`` in ``index`` (-1 where absent)."""
     order = np.argsort(index, kind="stable")
     srt = index[order]
@@ -89,7 +89,7 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
         return None
     n, R = pi["mixed"].shape
     index, label, ob = pi["index"], pi["label_idx"], pi["only_bg_pred"]
-    src = _positions(index, pi["src"])
+    src = index_positions(index, pi["src"])
     ok = (pi["mixed"] >= 0) & (src >= 0)
     src_c = np.maximum(src, 0)
     obj_lab = np.broadcast_to(label[:, None], src.shape)
@@ -204,7 +204,7 @@ def explained_by_attractor(cf: dict | None, attractor_classes: dict, *, own=()) 
         s = int(attractor_classes[name])
         for k in np.flatnonzero((label == s) & (orig != s) & (ob != s)):
             images.setdefault(int(pi["index"][k]), name)
-    src = _positions(pi["index"], pi["src"])
+    src = index_positions(pi["index"], pi["src"])
     ok = (pi["mixed"] >= 0) & (src >= 0)
     src_ob = ob[np.maximum(src, 0)]
     correct = (orig == label)[:, None]

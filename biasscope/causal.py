@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["plan", "summarise", "is_causal", "wilson"]
+__all__ = ["plan", "summarise", "is_causal", "causal_clusters", "wilson"]
 
 #: At most this many clusters are tested, largest first; members and controls are sampled.
 MAX_CLUSTERS = 8
@@ -156,3 +156,17 @@ def is_causal(t: dict | None, options: dict, *, off_object: bool = False) -> tup
           and float(t["changed_rate"]) - base >= float(options["occlusion_min_excess"]) - 1e-9
           and (off_object or repaired))
     return ok, (float(min(1.0, max(lo - base, 0.0) / 0.4)) if ok else 0.0)
+
+
+def causal_clusters(clusters, occlusion: dict | None, options: dict) -> list:
+    """``(cluster, occlusion figures)`` of the tested clusters that :func:`is_causal` accepts
+    (a cluster whose mean ``inside_frac`` is below ``off_object_inside`` is off the object)."""
+    by_id = {str(cl["id"]): cl for cl in clusters or []}
+    out = []
+    for cid, t in ((occlusion or {}).get("clusters") or {}).items():
+        cl = by_id.get(str(cid))
+        off = cl is not None and cl.get("mean_inside_frac") is not None and \
+            cl["mean_inside_frac"] < float(options["off_object_inside"])
+        if is_causal(t, options, off_object=off)[0]:
+            out.append((cl, t))
+    return out

@@ -26,7 +26,7 @@ from biasscope.analysis import infer_attributes, to_jsonable
 from biasscope.errors import BiasscopeError
 from biasscope.findings import BANDS, REGISTRY, severity_band  # registers every detector
 
-__all__ = ["summarise", "evaluate_gates", "verdict", "BANDS", "SHORTCUT_KINDS"]
+__all__ = ["summarise", "evaluate_gates", "verdict", "explained_by", "BANDS", "SHORTCUT_KINDS"]
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
         "==": operator.eq, "!=": operator.ne}
@@ -60,7 +60,7 @@ def _known_kinds() -> list[str]:
     return list(dict.fromkeys([cls.kind for cls in REGISTRY.values()] + list(EXTRA_KINDS)))
 
 
-def _explained_by(f: dict) -> list[str]:
+def explained_by(f: dict) -> list[str]:
     """The ids in ``evidence["explained_by"]`` (a list, or one id as a string); [] if none."""
     ev = f.get("evidence")
     eb = ev.get("explained_by") if isinstance(ev, dict) else None
@@ -114,9 +114,9 @@ def verdict(findings, *, min_severity: float = 0.5) -> dict:
     if not (math.isfinite(thr) and 0.0 <= thr <= 1.0):
         raise BiasscopeError(f"verdict: min_severity must be in [0, 1], got {min_severity!r}")
     fs = [_as_dict(f) for f in findings or []]
-    explained = [f for f in fs if _explained_by(f)]
+    explained = [f for f in fs if explained_by(f)]
     roots = [f for f in fs if f.get("kind") in SHORTCUT_KINDS and float(f["severity"]) >= thr
-             and not _explained_by(f)]
+             and not explained_by(f)]
     roots.sort(key=lambda f: (-float(f["severity"]), str(f.get("kind")), str(f.get("id"))))
     root_ids = {f.get("id") for f in roots}
     review = [f for f in fs if float(f["severity"]) >= REVIEW_SEVERITY and f.get("id") not in root_ids]

@@ -27,6 +27,7 @@ parameters; the models by the demo CNN's recipe (:func:`biasscope.benchmark.trai
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -106,7 +107,7 @@ def case_names() -> list[str]:
     return list(ZOO)
 
 
-@__import__("functools").lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def _all_digit_pools() -> dict[int, dict[str, np.ndarray]]:
     from sklearn.datasets import load_digits
 
@@ -193,23 +194,14 @@ def _plan(case: dict, split: str, per_class: int, rng: np.random.Generator) -> l
 
 
 def _render(rng: np.random.Generator, row: dict, case: dict, canvas: int, split: str):
-    """(image uint8 HxWx3, mask bool HxW) of one planned sample."""
-    from skimage.transform import resize
-
+    """(image uint8 HxWx3, mask bool HxW) of one planned sample: the benchmark's rendering
+    (:func:`biasscope.benchmark._render_sample`), then the case's feature."""
     sc = case["shortcut"]
-    bg = _bm._render_background(rng, row["background"], canvas)
-    if sc is not None and row["feature"] and sc["kind"] == "cast":
-        bg = np.clip(bg.astype(np.float32) * np.asarray(sc["gain"], np.float32), 0, 255).astype(np.uint8)
     digit = _all_digit_pools()[_NAMES.index(row["true_label"])][split][row["digit"]]
-    lo, hi = (int(round(f * canvas)) for f in _bm._DIGIT_SCALE)
-    side = int(rng.integers(lo, hi + 1))
-    glyph = resize(digit, (side, side), order=1, anti_aliasing=False) > _bm._DIGIT_THRESHOLD
-    y = int(rng.integers(0, canvas - side + 1))
-    x = int(rng.integers(0, canvas - side + 1))
-    colour = _bm._random_colour(rng)
-    mask = np.zeros((canvas, canvas), bool)
-    mask[y:y + side, x:x + side] = glyph
-    image = np.where(mask[..., None], colour, bg)
+    image, mask, _ = _bm._render_sample(rng, digit, row["background"], canvas, watermark=False)
+    if sc is not None and row["feature"] and sc["kind"] == "cast":
+        bg = image[~mask].astype(np.float32) * np.asarray(sc["gain"], np.float32)
+        image[~mask] = np.clip(bg, 0, 255).astype(np.uint8)
     if sc is not None and row["feature"] and sc["kind"] in ("mark", "frame", "random_mark"):
         paint = np.zeros((canvas, canvas), bool)
         if sc["kind"] == "mark":

@@ -362,18 +362,11 @@ class LabelIssue(Detector):
     def _shortcut_only_classes(ctx: Context) -> list:
         """Classes with a causal Clever-Hans cluster (:func:`biasscope.causal.is_causal`) whose
         spot, hidden, changes at least half of all the class's tested predictions."""
-        from biasscope.causal import is_causal
+        from biasscope.causal import causal_clusters
 
-        out = []
-        clusters = {str(cl["id"]): cl for cl in ctx.analysis.get("clusters") or []}
-        for cid, t in ((ctx.occlusion or {}).get("clusters") or {}).items():
-            cl = clusters.get(str(cid))
-            if cl is None or not t.get("changed"):
-                continue
-            off = cl.get("mean_inside_frac") is not None and \
-                cl["mean_inside_frac"] < float(ctx.options["off_object_inside"])
-            if is_causal(t, ctx.options, off_object=off)[0] and np.mean(t["changed"]) >= 0.5:
-                out.append(cl["class"])
+        out = [cl["class"] for cl, t in causal_clusters(ctx.analysis.get("clusters"), ctx.occlusion,
+                                                        ctx.options)
+               if cl is not None and t.get("changed") and np.mean(t["changed"]) >= 0.5]
         return sorted(set(out))
 
     @staticmethod
@@ -384,13 +377,13 @@ class LabelIssue(Detector):
         pi = cf.get("per_image") or {}
         if not pi.get("index") or "only_fg_pred" not in pi:
             return out
-        pos_of_out = {int(ctx.class_index[c]): j for j, c in enumerate(ctx.classes)}
-        row_of = ctx.row_of_index()
-        for i, p in zip(pi["index"], pi["only_fg_pred"]):
-            r = row_of.get(int(i))
-            if r is not None:
-                out[r] = pos_of_out.get(int(p), -1)
-        return out
+        from biasscope.attractors import index_positions
+
+        lut = {int(ctx.class_index[c]): j for j, c in enumerate(ctx.classes)}
+        fg = np.array([lut.get(int(p), -1) for p in pi["only_fg_pred"]], np.int64)
+        idx = ctx.table["index"].to_numpy(np.int64) if "index" in ctx.table.columns else np.arange(ctx.n)
+        at = index_positions(np.asarray(pi["index"], np.int64), idx)
+        return np.where(at >= 0, fg[np.maximum(at, 0)], -1)
 
     @staticmethod
     def _explained(ctx: Context) -> np.ndarray:
@@ -411,14 +404,9 @@ class LabelIssue(Detector):
             for i in (res or {}).get("images", {}):
                 if int(i) in row_of:
                     out[row_of[int(i)]] = True
-        from biasscope.causal import is_causal
+        from biasscope.causal import causal_clusters
 
-        off = {str(cl["id"]): (cl.get("mean_inside_frac") is not None
-                               and cl["mean_inside_frac"] < float(ctx.options["off_object_inside"]))
-               for cl in ctx.analysis.get("clusters") or []}
-        for cid, t in ((ctx.occlusion or {}).get("clusters") or {}).items():
-            if not is_causal(t, ctx.options, off_object=off.get(str(cid), False))[0]:
-                continue
+        for _, t in causal_clusters(ctx.analysis.get("clusters"), ctx.occlusion, ctx.options):
             for i, ch in zip(t.get("index", []), t.get("changed", [])):
                 if ch and int(i) in row_of:
                     out[row_of[int(i)]] = True

@@ -43,7 +43,14 @@ _ERROR_KINDS = ("misclassified", "confident_mistake", "group_gap")
 
 def explained_images(ctx: Context, findings) -> dict:
     """Dataset index -> id of the root finding that explains the image's prediction."""
+    return _explanations(ctx, findings)[0]
+
+
+def _explanations(ctx: Context, findings) -> tuple[dict, dict | None]:
+    """(:func:`explained_images`, the attractors' explained Mixed-Rand flips per class output
+    index or None), from one pass over the counterfactual predictions."""
     out: dict = {}
+    flips = None
     feats = {f.class_: f for f in findings if f.kind == "spurious_feature"}
     if feats and ctx.counterfactuals and not ctx.counterfactuals.get("skipped"):
         own = [c for c, f in feats.items() if "background_tests" in f.evidence or "attention" in f.evidence]
@@ -51,6 +58,7 @@ def explained_images(ctx: Context, findings) -> dict:
                                      {c: int(ctx.class_index[c]) for c in feats}, own=own)
         for idx, s in (res or {}).get("images", {}).items():
             out[int(idx)] = feats[s].id
+        flips = (res or {}).get("flips")
     occ = (ctx.occlusion or {}).get("clusters") or {}
     hans = {f.cluster: f for f in findings if f.kind == "clever_hans_cluster"
             and "occlusion" in (f.evidence.get("reasons") or [])}
@@ -61,7 +69,7 @@ def explained_images(ctx: Context, findings) -> dict:
         for idx, changed in zip(t.get("index", []), t.get("changed", [])):
             if changed:
                 out.setdefault(int(idx), f.id)
-    return out
+    return out, flips
 
 
 def _merge(into: Finding, other: Finding, key: str) -> Finding:
@@ -117,12 +125,8 @@ def consolidate(ctx: Context, findings: list) -> list:
         merged.append(f)
 
     roots = {f.id: f for f in merged if f.kind in ("spurious_feature", "clever_hans_cluster")}
-    images = explained_images(ctx, merged)
-    flips = None
+    images, flips = _explanations(ctx, merged)
     feats = {f.class_: f for f in merged if f.kind == "spurious_feature"}
-    if feats and ctx.counterfactuals and not ctx.counterfactuals.get("skipped"):
-        res = explained_by_attractor(ctx.counterfactuals, {c: int(ctx.class_index[c]) for c in feats})
-        flips = (res or {}).get("flips")
     min_share = float(ctx.options["explained_min_share"])
     label, correct = ctx.strings("label"), ctx.correct
     idx = ctx.table["index"].to_numpy(np.int64) if "index" in ctx.table.columns else np.arange(ctx.n)

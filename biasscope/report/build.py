@@ -163,17 +163,6 @@ def _where(f: dict) -> str:
     return " · ".join(parts)
 
 
-def _explained_ids(evidence: dict) -> list[str]:
-    eb = (evidence or {}).get("explained_by")
-    if eb is None or eb == "":
-        return []
-    if isinstance(eb, (str, int)):
-        return [str(eb)]
-    if isinstance(eb, (list, tuple)):
-        return [str(x) for x in eb if x is not None and str(x) != ""]
-    return [str(eb)]
-
-
 def _link(fid: str, anchor_of: dict) -> dict:
     """``{id, anchor, title}`` of a referenced finding; anchor None (and the id as title) when
     this scan has no finding with that id."""
@@ -271,12 +260,14 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
     summary = scan.summary or {}
     verdict = _verdict(summary, findings, anchor_of)
     root_ids = {r["id"] for r in verdict["root_causes"]}
+    from biasscope.summary import explained_by
+
     for f in findings:
         f["band"] = severity_band(float(f["severity"]))
         f["where"] = _where(f)
         evidence = f.get("evidence") if isinstance(f.get("evidence"), dict) else {}
         # explained_by is shown as links to the explaining findings, not as an evidence cell
-        f["explained_by"] = [_link(x, anchor_of) for x in _explained_ids(evidence)]
+        f["explained_by"] = [_link(x, anchor_of) for x in explained_by(f)]
         f["evidence_items"] = _evidence_items({k: v for k, v in evidence.items() if k != "explained_by"},
                                               row_of)
         f["root_cause"] = str(f.get("id")) in root_ids
