@@ -62,17 +62,56 @@ def _input_geometry(model, image_size) -> tuple[int, int, int]:
     return int(h), int(w), int(c)
 
 
-def list_layers(model, *, unsafe_model: bool = False) -> tuple[list, object]:
-    """(candidates, automatic choice) for ``biasscope layers``."""
-    from .model import choose_layer, spatial_layers
+def list_layers(model, *, unsafe_model: bool = False, image_size=None) -> tuple[list, object]:
+    """(candidates, automatic choice) for ``biasscope layers``: spatial and token layers."""
+    from .model import choose_layer, target_layers
 
     m, _ = _load_model(model, unsafe_model)
-    cands = spatial_layers(m)
+    shape = None
     try:
-        auto = choose_layer(m, cands)
+        shape = _input_geometry(m, image_size)
+    except BiasscopeError:
+        if image_size is not None:
+            raise  # a size that does not fit the model; without one, list what can be seen
+    cands = target_layers(m, shape)
+    try:
+        auto = choose_layer(m, cands, input_shape=shape)
     except BiasscopeError:
         auto = None
     return cands, auto
+
+
+def resolve_target(model, layer: str | None, method: str, geometry: tuple):
+    """The target layer of a scan, checked against the input geometry and the method.
+
+    A token layer's patch size must divide the image size, and a gradient method needs the
+    class scores to depend on the layer's patch tokens (not so after the last attention of a
+    CLS-token head)."""
+    from .model import choose_layer, find_layer, gradient_reach, target_layers
+
+    from .methods import GRADIENT_FREE
+
+    cands = target_layers(model, geometry)
+    target = (find_layer(model, layer, cands, input_shape=geometry) if layer
+              else choose_layer(model, cands, input_shape=geometry))
+    H, W = geometry[:2]
+    if target.is_tokens and target.patch:
+        ph, pw = target.patch
+        if H % ph or W % pw:
+            raise BiasscopeError(
+                f"--image-size {H} {W} does not divide by the patch size {ph}x{pw} of layer "
+                f"{target.patch_layer!r} ({H} = {H // ph} x {ph} + {H % ph}, {W} = {W // pw} x {pw} "
+                f"+ {W % pw}): the image's last rows/columns would be cut off the patch grid; "
+                f"use a multiple of {ph}x{pw}")
+    if layer and target.is_tokens and method not in GRADIENT_FREE:
+        if gradient_reach(model, [target], geometry)[0] == 0:
+            h, w, _ = target.shape
+            raise BiasscopeError(
+                f"layer {target.path!r} ({target.describe()}): the class scores do not depend on "
+                f"its {h * w} patch tokens (largest gradient 0), so --method {method} has nothing to "
+                "weigh; the head reads only the extra token after this layer: choose a layer "
+                "before the last attention, leave out --layer, or use --method eigencam or scorecam")
+    return target
 
 
 def _prepare_out(out: Path, fingerprint: str, parts: dict, *, resume: bool,
@@ -132,7 +171,8 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
          limit: int | None = None, resume: bool = True, overwrite: bool = False,
          unsafe_model: bool = False, seed: int = 0, chunk_size: int | None = None,
          counterfactuals: bool | None = None, fail_on=(), analysis: bool = True,
-         report: bool = True, detector_options: dict | None = None, progress=True) -> Scan:
+         report: bool = True, detector_options: dict | None = None, progress=True,
+         scorecam_channels: int = 32) -> Scan:
     """Run Grad-CAM over a labelled image set and store the result in ``out``.
 
     Parameters
@@ -146,6 +186,15 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         The scan directory (default: a new temporary directory). An interrupted scan there is
         resumed when ``resume`` is true; a scan of another model or dataset is refused unless
         ``overwrite``.
+    layer : str, optional
+        The target layer: a nested path or a unique name, spatial (B, H, W, C) or token
+        (B, T, D); default: automatic (DESIGN section 9).
+    method : str
+        ``gradcam``, ``gradcampp``, ``xgradcam``, ``hirescam``, ``layercam``, ``eigencam`` or
+        ``scorecam``.
+    scorecam_channels : int
+        Score-CAM's N: the channels with the highest mean activation that get a masked forward
+        pass each (its cost is about N forward passes per image).
     preprocess : str or callable
         ``none``, ``scale01``, a ``keras.applications`` module name, or a callable on a float32
         batch in 0..255.
@@ -166,7 +215,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     Scan
     """
     from .metrics import attention_metrics
-    from .model import choose_layer, find_layer, model_fingerprint, output_head
+    from .model import model_fingerprint, output_head
     from .summary import validate_gates
 
     rep = as_reporter(progress)
@@ -176,10 +225,13 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     validate_gates(list(fail_on or ()))  # a typo in a gate fails now, not after the scan
     if batch_size < 1:
         raise BiasscopeError(f"--batch-size must be >= 1, got {batch_size}")
+    from .methods import check_method
+
+    cam_options = check_method(method, scorecam_channels)
     kmodel, model_path = _load_model(model, unsafe_model)
     head = output_head(kmodel)
-    target = find_layer(kmodel, layer) if layer else choose_layer(kmodel)
     H, W, C = _input_geometry(kmodel, image_size)
+    target = resolve_target(kmodel, layer, method, (H, W, C))
     ds = load_dataset(data, masks=masks, class_map=class_map, n_outputs=head.n_classes, limit=limit)
     if chunk_size is None:
         chunk_size = batch_size * 64
@@ -187,7 +239,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
 
     pre_name = preprocess if isinstance(preprocess, str) or preprocess is None else \
         getattr(preprocess, "__qualname__", "callable")
-    options = {"layer": target.path, "method": method, "image_size": [H, W], "channels": C,
+    options = {"layer": target.path, "method": method, **cam_options, "image_size": [H, W], "channels": C,
                "preprocess": pre_name, "class_index": ds.class_index, "batch_size": batch_size,
                "chunk_size": chunk_size, "limit": limit}  # what the Grad-CAM pass depends on
     model_sha = model_fingerprint(kmodel, model_path)
@@ -219,13 +271,13 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             "n_images": len(ds), "attributes": ds.attributes,
             "options": {**options, "seed": seed}, "versions": _versions(),
         }
-        write_json(out / "meta.json", meta)
-
         from .cams import make_cam
         from .pipeline import make_pipeline, why_unreadable
 
         engine = make_cam(method, kmodel, target, head, batch_size=batch_size, input_shape=(H, W, C),
-                          preprocess=preprocess)
+                          preprocess=preprocess, **cam_options)
+        engine.trace()  # a method that cannot work on this layer fails before anything is written
+        write_json(out / "meta.json", meta)
         heat_shape = tuple(int(s) for s in target.shape[:2])
         writer = ChunkWriter(out, n_total=len(ds), chunk_size=chunk_size, heat_shape=heat_shape)
         start = writer.start_index

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import BiasscopeError, ScanInterrupted
+from .methods import METHOD_NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Is this vision model right for the right reasons? Grad-CAM over a whole "
@@ -26,14 +27,16 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
-class Method(str, Enum):
-    gradcam = "gradcam"
+Method = Enum("Method", {name: name for name in METHOD_NAMES}, type=str)  # type: ignore[misc]
 
 
 # shared option declarations (defined once, used by several commands)
 ModelArg = typer.Argument(..., help="A .keras or .h5 file, or a SavedModel directory.", exists=True)
 UnsafeOpt = typer.Option(False, "--unsafe-model", help="Allow Lambda/custom code when loading (trusted models only).")
 BatchOpt = typer.Option(16, "--batch-size", min=1, help="Images per compiled batch.")
+MethodOpt = typer.Option(Method["gradcam"], "--method", help="CAM method (the README compares them).")
+ScoreCamOpt = typer.Option(32, "--scorecam-channels", min=1,
+                           help="Score-CAM: the N channels with the highest mean activation (cost ~N forward passes per image).")
 PreprocessOpt = typer.Option("none", "--preprocess",
                              help="none (0..255), scale01, or a keras.applications module name (e.g. resnet50).")
 
@@ -51,7 +54,8 @@ def scan(
     masks: Optional[Path] = typer.Option(None, "--masks", help="Mask folder mirroring the class folders."),
     out: Path = typer.Option(Path("biasscope-scan"), "--out", help="Scan directory to write (resumed if interrupted)."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Target layer (nested path like base/conv_5 allowed); default: automatic."),
-    method: Method = typer.Option(Method.gradcam, "--method"),
+    method: Method = MethodOpt,
+    scorecam_channels: int = ScoreCamOpt,
     batch_size: int = BatchOpt,
     image_size: Optional[Tuple[int, int]] = typer.Option(None, "--image-size", help="H W, for models with a flexible input size.", show_default=False),
     preprocess: str = PreprocessOpt,
@@ -74,7 +78,7 @@ def scan(
                           batch_size=batch_size, image_size=image_size, preprocess=preprocess,
                           class_map=class_map, limit=limit, resume=resume, overwrite=overwrite,
                           unsafe_model=unsafe_model, seed=seed, counterfactuals=counterfactuals,
-                          fail_on=fail_on or (), report=report)
+                          fail_on=fail_on or (), report=report, scorecam_channels=scorecam_channels)
     except BiasscopeError as exc:
         _fail(exc)
     except ScanInterrupted as exc:
@@ -223,23 +227,28 @@ def demo(
 
 
 @app.command()
-def layers(model: Path = ModelArg, unsafe_model: bool = UnsafeOpt) -> None:
-    """List the layers Grad-CAM can target (4-D outputs), marking the automatic choice."""
+def layers(
+    model: Path = ModelArg,
+    unsafe_model: bool = UnsafeOpt,
+    image_size: Optional[Tuple[int, int]] = typer.Option(None, "--image-size", help="H W, for models with a flexible input size.", show_default=False),
+) -> None:
+    """List the layers a CAM can target (spatial outputs and patch-grid tokens), marking the automatic choice."""
     from .api import list_layers
 
     try:
-        cands, auto = list_layers(model, unsafe_model=unsafe_model)
+        cands, auto = list_layers(model, unsafe_model=unsafe_model, image_size=image_size)
     except BiasscopeError as exc:
         _fail(exc)
-    table = Table(title=f"spatial layers of {model.name}")
-    for col in ("", "layer", "type", "output (H, W, C)"):
+    table = Table(title=f"CAM target layers of {model.name}")
+    for col in ("", "layer", "type", "output (H, W, C) or tokens"):
         table.add_column(col)
     for info in cands:
         mark = "auto" if auto is not None and info.path == auto.path else ""
-        table.add_row(mark, info.path, info.class_name, str(tuple(info.shape)))
+        table.add_row(mark, info.path, info.class_name, info.describe())
     out_console.print(table)
     if auto is None:
-        err_console.print("no automatic choice: no layer has a spatial output larger than 1x1")
+        err_console.print("no automatic choice: no layer has a spatial output larger than 1x1 or patch-grid "
+                          "tokens the scores depend on")
 
 
 @app.command()

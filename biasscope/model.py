@@ -21,20 +21,56 @@ from .errors import BiasscopeError
 # "conv logits" head they are skipped with it.
 _PASS_THROUGH = {"Activation", "ReLU", "Dropout", "SpatialDropout2D", "Softmax", "LeakyReLU",
                  "ELU", "PReLU", "Identity"}
+# Token layers the automatic choice passes over: per-token normalisation and the like, whose
+# output is the block output it follows, rescaled.
+_TRIVIAL = _PASS_THROUGH | {"LayerNormalization", "RMSNormalization", "BatchNormalization",
+                            "GroupNormalization", "UnitNormalization"}
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A layer with a 4-D (batch, H, W, C) output, addressed by its nested path."""
+    """A layer to take CAMs from, addressed by its nested path.
 
-    path: str           # "xception/block14_sepconv2_act" for a layer inside a nested model
+    A *spatial* layer has a 4-D (batch, H, W, C) output. A *token* layer has a 3-D (batch, T, D)
+    output with T = extra + h * w: the first ``extra`` tokens (CLS, distillation, registers) are
+    dropped and the rest reshaped to the (h, w) patch grid; ``shape`` is then (h, w, D).
+    """
+
+    path: str           # "xception/block14_sepconv2_act"; "vit/vit_encoder/transformer_block_2"
     class_name: str
-    shape: tuple        # (H, W, C)
+    shape: tuple        # (H, W, C), or the patch grid and width (h, w, D) of a token layer
     layer: object       # the keras layer itself
+    n_tokens: int | None = None   # T of a token layer; None for a spatial layer
+    extra: int = 0                # tokens before the patch tokens
+    patch: tuple = ()             # (ph, pw) of the patch-embedding conv before the tokens, if any
+    patch_layer: str = ""         # that conv's path
+    trivial: bool = False         # a norm/dropout-like layer, or a composite ending in one
 
     @property
     def spatial(self) -> int:
         return int(self.shape[0] or 0) * int(self.shape[1] or 0)
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.n_tokens is not None
+
+    def describe(self) -> str:
+        """The output as a user reads it: "(7, 7, 2048)" or "197 tokens = 1 extra + 14x14 grid, D 768"."""
+        if not self.is_tokens:
+            return str(tuple(self.shape))
+        h, w, d = self.shape
+        extra = f"{self.extra} extra + " if self.extra else ""
+        return f"{self.n_tokens} tokens = {extra}{h}x{w} grid, D {d}"
+
+    def as_grid(self, t):
+        """A (B, T, D) tensor of this layer as (B, h, w, D); a spatial layer's tensor unchanged."""
+        if not self.is_tokens:
+            return t
+        from ._tf import import_tf
+
+        tf = import_tf()
+        h, w, d = (int(v) for v in self.shape)
+        return tf.reshape(t[:, self.extra:, :], (-1, h, w, d))
 
 
 @dataclass(frozen=True)
@@ -94,6 +130,23 @@ def _looks_like_keras_file(path: Path) -> bool:
     return False
 
 
+def _import_hub_if_needed(path: Path) -> None:
+    """keras-hub classes register themselves for deserialisation when keras_hub is imported;
+    a ``.keras`` file built from them names ``keras_hub`` in its config."""
+    import zipfile
+
+    if path.suffix.lower() != ".keras":
+        return
+    with zipfile.ZipFile(path) as zf:
+        if b"keras_hub" not in zf.read("config.json"):
+            return
+    try:
+        import keras_hub  # noqa: F401
+    except ImportError:
+        raise BiasscopeError(f"{path} was built with keras-hub, which is not installed; "
+                             "pip install 'biasscope[hub]'") from None
+
+
 def load_model(path, *, unsafe: bool = False):
     """Load a ``.keras`` file, a legacy ``.h5`` file or a SavedModel directory.
 
@@ -119,6 +172,7 @@ def load_model(path, *, unsafe: bool = False):
                 ) from None
         if not _looks_like_keras_file(path):
             raise BiasscopeError(f"not a Keras model file (.keras zip, .h5 or SavedModel folder): {path}")
+        _import_hub_if_needed(path)
         return keras.models.load_model(path, safe_mode=not unsafe, compile=False)
     except BiasscopeError:
         raise
@@ -165,18 +219,178 @@ def _output_shape(layer):
         return None
 
 
+def _children(layer) -> list:
+    """Sublayers to look into: a nested model's layers, or a composite layer's tracked sublayers
+    (keras-hub's ``ViTEncoder`` keeps its blocks inside one layer). The inside of an attention
+    layer (its query/key/value projections) is not a place to take a CAM from."""
+    if _is_model(layer):
+        return list(layer.layers)
+    if "Attention" in type(layer).__name__:
+        return []
+    return [c for c in (getattr(layer, "_layers", None) or []) if hasattr(c, "call")]
+
+
 def iter_layers(model, prefix: str = ""):
-    """Yield (path, layer) for every layer, descending into nested models, in call order."""
-    for layer in model.layers:
-        path = f"{prefix}{layer.name}"
-        if _is_model(layer):
-            yield from iter_layers(layer, prefix=f"{path}/")
-        else:
-            yield path, layer
+    """Yield (path, layer) for every layer, descending into nested models and composite layers.
+
+    Nested models are not yielded themselves; a composite layer is yielded before its sublayers.
+    """
+    seen: set = set()
+
+    def walk(parent, prefix):
+        for layer in _children(parent):
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            path = f"{prefix}{layer.name}"
+            if not _is_model(layer):
+                yield path, layer
+            yield from walk(layer, f"{path}/")
+
+    yield from walk(model, prefix)
 
 
-def spatial_layers(model) -> list[LayerInfo]:
-    """Every layer whose output is 4-D (batch, H, W, C), in call order."""
+def _shape_of(out):
+    if isinstance(out, (list, tuple, dict)) or not hasattr(out, "shape"):
+        return None
+    try:
+        return tuple(None if d is None else int(d) for d in out.shape)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _Probe:
+    order: list         # (path, layer, output shape) in the order the calls finished
+    passes_on: dict     # id(composite) -> id of the sublayer whose output it returns as it is
+
+
+def _probe(model, input_shape) -> _Probe:
+    """Run the model once on a zero image with every layer's ``call`` wrapped, to learn each
+    layer's output shape and the order in which the layers run (the only way to see inside
+    composite layers, whose sublayers have no symbolic output)."""
+    import numpy as np
+
+    layers = [(p, l) for p, l in iter_layers(model) if type(l).__name__ != "InputLayer"]
+    paths = {id(l): p for p, l in layers}
+    finished: dict = {}
+    order, last_out, passes_on, stack = [], {}, {}, []
+    restore = []
+    for path, layer in layers:
+        if "call" in vars(layer):
+            continue  # already wrapped (a capture in progress): leave it alone
+        orig = layer.call
+
+        def call(*args, _orig=orig, _layer=layer, **kwargs):
+            stack.append(id(_layer))
+            try:
+                out = _orig(*args, **kwargs)
+            finally:
+                stack.pop()
+            child = last_out.pop(id(_layer), None)
+            if child is not None and child[1] is out:
+                passes_on.setdefault(id(_layer), child[0])
+            if stack:
+                last_out[stack[-1]] = (id(_layer), out)
+            if id(_layer) not in finished:
+                finished[id(_layer)] = True
+                order.append((paths[id(_layer)], _layer, _shape_of(out)))
+            return out
+
+        layer.call = call
+        restore.append(layer)
+    try:
+        model(np.zeros((1, *input_shape), np.float32), training=False)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BiasscopeError(f"model {model.name!r} does not run on a {'x'.join(map(str, input_shape))} "
+                             f"input ({msg[:200]})") from None
+    finally:
+        for layer in restore:
+            delattr(layer, "call")
+    return _Probe(order, passes_on)
+
+
+MAX_EXTRA_TOKENS = 8
+
+
+def token_grid(n_tokens: int, image_hw: tuple, grid_hint: tuple | None = None):
+    """(extra, h, w) for T tokens: T = extra + h * w, extra <= 8, the grid following the patch
+    grid seen before the tokens when there is one, else the image's aspect ratio; None if none."""
+    if grid_hint is not None:
+        extra = n_tokens - grid_hint[0] * grid_hint[1]
+        if 0 <= extra <= MAX_EXTRA_TOKENS:
+            return extra, int(grid_hint[0]), int(grid_hint[1])
+    H, W = image_hw
+    for extra in range(0, MAX_EXTRA_TOKENS + 1):
+        n = n_tokens - extra
+        if n < 1:
+            break
+        for h in range(1, n + 1):
+            if n % h == 0 and h * W == (n // h) * H:
+                return extra, h, n // h
+    return None
+
+
+def _patch_conv(layer):
+    """(ph, pw) of a patchify conv (kernel == strides > 1), else None."""
+    kernel, strides = getattr(layer, "kernel_size", None), getattr(layer, "strides", None)
+    if kernel is None or strides is None or tuple(kernel) != tuple(strides) or max(strides) < 2:
+        return None
+    return tuple(int(s) for s in strides)
+
+
+def target_layers(model, input_shape: tuple | None = None) -> list[LayerInfo]:
+    """Every layer a CAM can be taken from, in the order the layers run: spatial (4-D) layers and
+    token (3-D) layers whose tokens form a patch grid, inside nested models and composite layers.
+
+    Found by one forward pass on a zero image of ``input_shape`` (H, W, C) or the model's own
+    input shape. A model accepting any image size with no ``input_shape`` is listed from its
+    symbolic outputs instead (nested models only, no token grids).
+    """
+    if input_shape is None:
+        shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else ()
+        if len(shape) == 4 and all(d is not None for d in shape[1:]):
+            input_shape = tuple(int(d) for d in shape[1:])
+    if input_shape is None:
+        return _symbolic_spatial_layers(model)
+    probe = _probe(model, input_shape)
+    by_id = {id(layer): layer for _, layer, _ in probe.order}
+
+    def trivial(layer, depth=0) -> bool:
+        """A norm/dropout-like layer, or a composite returning such a sublayer's output as is."""
+        if type(layer).__name__ in _TRIVIAL:
+            return True
+        inner = probe.passes_on.get(id(layer))
+        return inner is not None and depth < 64 and trivial(by_id[inner], depth + 1)
+
+    out: list[LayerInfo] = []
+    hint, patch, patch_layer = None, (), ""
+    for path, layer, shape in probe.order:
+        if shape is None:
+            continue
+        name = type(layer).__name__
+        if len(shape) == 4:
+            out.append(LayerInfo(path, name, tuple(shape[1:]), layer))
+            hint = (shape[1], shape[2])
+            if _patch_conv(layer) is not None:
+                patch, patch_layer = _patch_conv(layer), path
+        elif len(shape) == 3 and shape[1] is not None and shape[2] is not None:
+            grid = token_grid(shape[1], input_shape[:2], hint)
+            if grid is not None and grid[1] * grid[2] > 1:
+                extra, h, w = grid
+                out.append(LayerInfo(path, name, (h, w, shape[2]), layer, n_tokens=shape[1],
+                                     extra=extra, patch=patch, patch_layer=patch_layer,
+                                     trivial=trivial(layer)))
+    return out
+
+
+def spatial_layers(model, input_shape: tuple | None = None) -> list[LayerInfo]:
+    """Compatibility name for :func:`target_layers`."""
+    return target_layers(model, input_shape)
+
+
+def _symbolic_spatial_layers(model) -> list[LayerInfo]:
     out = []
     for path, layer in iter_layers(model):
         if type(layer).__name__ == "InputLayer":
@@ -195,17 +409,28 @@ def _n_outputs(model) -> int:
     return int(shape[-1])
 
 
-def choose_layer(model, candidates: list[LayerInfo] | None = None) -> LayerInfo:
-    """The automatic Grad-CAM target: the last spatial layer that still has a spatial extent.
+def choose_layer(model, candidates: list[LayerInfo] | None = None, *,
+                 input_shape: tuple | None = None) -> LayerInfo:
+    """The automatic CAM target.
 
-    Skips 1x1-resolution layers (global-pooled heads kept 4-D, as in MobileNetV3) and 1x1
-    "conv logits" layers whose filters equal the number of outputs, with the activations that
-    follow them.
+    For a CNN: the last spatial layer that still has a spatial extent, skipping 1x1-resolution
+    layers (global-pooled heads kept 4-D, as in MobileNetV3) and 1x1 "conv logits" layers whose
+    filters equal the number of outputs, with the activations that follow them.
+
+    For a token model (a token layer runs after the last usable spatial layer): the last token
+    layer, norms and the like passed over, whose patch tokens receive gradient from the class
+    scores. With a pooling head that is the last transformer block's output; with a head that
+    reads only the CLS token, whose patch tokens after the last attention get no gradient, it is
+    the input of the last block (the output of the one before).
     """
-    candidates = spatial_layers(model) if candidates is None else candidates
+    if candidates is None:
+        candidates = target_layers(model, input_shape)
     n_out = _n_outputs(model)
     usable, in_logits = [], False
+    order = {info.path: i for i, info in enumerate(candidates)}
     for info in candidates:  # forward order: activations inherit the state of what feeds them
+        if info.is_tokens:
+            continue
         kernel = getattr(info.layer, "kernel_size", None)
         if kernel is not None and tuple(kernel) == (1, 1) and getattr(info.layer, "filters", None) == n_out:
             in_logits = True
@@ -213,32 +438,94 @@ def choose_layer(model, candidates: list[LayerInfo] | None = None) -> LayerInfo:
             in_logits = False
         if not in_logits and info.spatial > 1:
             usable.append(info)
+    tokens = [info for info in candidates if info.is_tokens and not info.trivial]
+    if tokens and (not usable or order[tokens[-1].path] > order[usable[-1].path]):
+        shape = input_shape or tuple(int(d) for d in model.inputs[0].shape[1:])
+        reach = gradient_reach(model, tokens, shape)
+        for info, r in zip(reversed(tokens), reversed(reach)):
+            if r > 0:
+                return info
+        raise BiasscopeError(f"model {model.name!r}: no token layer's patch tokens receive gradient "
+                             "from the class scores; name a layer with --layer or use --method eigencam")
     if usable:
         return usable[-1]
-    raise BiasscopeError(f"model {model.name!r} has no layer with a spatial (H, W > 1) output to take "
-                         "Grad-CAM from; name one with --layer (see `biasscope layers MODEL`)")
+    raise BiasscopeError(f"model {model.name!r} has no layer with a spatial (H, W > 1) output or "
+                         "patch-grid tokens to take a CAM from; name one with --layer "
+                         "(see `biasscope layers MODEL`)")
 
 
-def find_layer(model, name: str, candidates: list[LayerInfo] | None = None) -> LayerInfo:
-    """Resolve ``--layer NAME``: a nested path (``base/conv``) or a unique plain layer name."""
+def gradient_reach(model, infos: list[LayerInfo], input_shape: tuple) -> list[float]:
+    """For each layer, the largest |d score / d A| over its patch grid (extra tokens dropped),
+    the score being each image's top output, on two fixed random images: 0 where the outputs
+    do not depend on the grid (a CLS-token head after the last attention, a side branch)."""
+    import numpy as np
+
+    from ._tf import import_tf
+
+    tf = import_tf()
+    outs: dict = {}
+    restore = []
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        for info in infos:
+            layer = info.layer
+            if "call" in vars(layer):
+                continue
+            orig = layer.call
+
+            def call(*args, _orig=orig, _key=info.path, **kwargs):
+                out = _orig(*args, **kwargs)
+                tape.watch(out)
+                outs[_key] = out
+                return out
+
+            layer.call = call
+            restore.append(layer)
+        try:
+            x = np.random.default_rng(0).uniform(0, 255, (2, *input_shape)).astype(np.float32)
+            y = tf.cast(model(x, training=False), tf.float32)
+            score = tf.reduce_sum(tf.reduce_max(y, axis=-1))
+        finally:
+            for layer in restore:
+                delattr(layer, "call")
+    reach = []
+    for info in infos:
+        g = tape.gradient(score, outs[info.path]) if info.path in outs else None
+        reach.append(0.0 if g is None else float(tf.reduce_max(tf.abs(info.as_grid(g)))))
+    del tape
+    return reach
+
+
+def find_layer(model, name: str, candidates: list[LayerInfo] | None = None, *,
+               input_shape: tuple | None = None) -> LayerInfo:
+    """Resolve ``--layer NAME``: a nested path (``base/conv``, ``vit/vit_encoder/block_2``) or
+    a unique plain layer name."""
     all_layers = list(iter_layers(model))
     exact = [(p, l) for p, l in all_layers if p == name]
     if not exact:
         exact = [(p, l) for p, l in all_layers if p.rsplit("/", 1)[-1] == name]
     if len(exact) > 1:
-        raise BiasscopeError(f"layer name {name!r} is ambiguous: {', '.join(p for p, _ in exact)}; "
-                             "give the nested path")
+        raise BiasscopeError(f"layer name {name!r} is ambiguous: {', '.join(p for p, _ in exact[:6])}"
+                             f"{' ...' if len(exact) > 6 else ''}; give the nested path")
     if not exact:
         names = [p for p, _ in all_layers] + [p.rsplit("/", 1)[-1] for p, _ in all_layers]
         near = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(dict.fromkeys(near))}?" if near else ""
         raise BiasscopeError(f"model {model.name!r} has no layer {name!r}{hint}")
     path, layer = exact[0]
-    shape = _output_shape(layer)
-    if shape is None or len(shape) != 4:
-        raise BiasscopeError(f"layer {path!r} has output shape {shape}, not (batch, H, W, C); "
-                             "Grad-CAM needs a spatial layer")
-    return LayerInfo(path, type(layer).__name__, tuple(shape[1:]), layer)
+    if candidates is None:
+        candidates = target_layers(model, input_shape)
+    for info in candidates:
+        if info.layer is layer:
+            return info
+    shape = next((shp for p, l, shp in _probe(model, input_shape).order if l is layer), None) \
+        if input_shape is not None else _output_shape(layer)
+    if shape is not None and len(shape) == 3 and input_shape is not None:
+        raise BiasscopeError(
+            f"layer {path!r} has {shape[1]} tokens, which are not a patch grid of the "
+            f"{input_shape[0]}x{input_shape[1]} input after dropping up to {MAX_EXTRA_TOKENS} extra "
+            "tokens; choose a layer whose tokens are the patches (see `biasscope layers MODEL`)")
+    raise BiasscopeError(f"layer {path!r} has output shape {shape}, neither (batch, H, W, C) nor "
+                         "(batch, tokens, D); a CAM needs a spatial or token layer")
 
 
 def _producer(model):
@@ -285,7 +572,8 @@ class Capture:
 
     def __init__(self, target: LayerInfo, head: OutputHead, tape=None):
         self.target, self.head, self.tape = target, head, tape
-        self.activations = None
+        self.raw = None          # the layer's output as it is: (B, T, D) for a token layer
+        self.activations = None  # ... as a grid (B, h, w, C)
         self.scores = None
 
     def __enter__(self):
@@ -296,7 +584,8 @@ class Capture:
             out = orig_call(*args, **kwargs)
             if self.tape is not None:
                 self.tape.watch(out)
-            self.activations = out
+            self.raw = out
+            self.activations = self.target.as_grid(out)
             return out
 
         layer.call = call
@@ -321,6 +610,10 @@ class Capture:
             head.layer.call = capture_input
             self._restore.append(lambda: delattr(head.layer, "call"))
         return self
+
+    def as_grid(self, t):
+        """A tensor shaped like the layer's output (its gradient) as a grid, like ``activations``."""
+        return self.target.as_grid(t)
 
     def __exit__(self, *exc):
         for undo in reversed(self._restore):

@@ -57,6 +57,32 @@ def make_cnn(n_classes: int = 3, size: int = 32, *, activation="softmax", seed: 
     return keras.Model(inp, out, name="tiny_cnn")
 
 
+def make_vit(n_classes: int = 3, size: int | None = 32, *, patch: int = 8, dim: int = 16,
+             blocks: int = 2, seed: int = 0):
+    """A small functional ViT with a pooling head: 0..255 input, a patchify conv, Reshape to
+    tokens, pre-norm attention blocks (outputs ``block<i>_out``), a final norm, token mean,
+    Dense(softmax). ``size=None`` accepts any image size."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inp)
+    x = keras.layers.Conv2D(dim, patch, strides=patch, name="patch_embed")(x)
+    x = keras.layers.Reshape((-1, dim), name="tokens")(x)
+    for i in range(1, blocks + 1):
+        y = keras.layers.LayerNormalization(name=f"block{i}_ln1")(x)
+        y = keras.layers.MultiHeadAttention(2, dim // 2, name=f"block{i}_mha")(y, y)
+        x = keras.layers.Add(name=f"block{i}_add1")([x, y])
+        y = keras.layers.LayerNormalization(name=f"block{i}_ln2")(x)
+        y = keras.layers.Dense(2 * dim, activation="gelu", name=f"block{i}_mlp1")(y)
+        y = keras.layers.Dense(dim, name=f"block{i}_mlp2")(y)
+        x = keras.layers.Add(name=f"block{i}_out")([x, y])
+    x = keras.layers.LayerNormalization(name="final_ln")(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    out = keras.layers.Dense(n_classes, activation="softmax", name="head")(x)
+    return keras.Model(inp, out, name="tiny_vit")
+
+
 @pytest.fixture
 def image_set(tmp_path):
     return make_image_set(tmp_path / "data")

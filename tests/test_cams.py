@@ -115,5 +115,5 @@ def test_engine_is_reused_for_same_model_and_geometry():
 def test_unknown_method_is_a_clear_error():
     model = make_cnn(3, 32)
     with pytest.raises(BiasscopeError, match="available methods are gradcam"):
-        make_cam("scorecam", model, choose_layer(model), output_head(model), batch_size=2,
+        make_cam("nosuchcam", model, choose_layer(model), output_head(model), batch_size=2,
                  input_shape=(32, 32, 3))

@@ -56,7 +56,7 @@ def test_find_layer_by_nested_path_plain_name_and_near_matches():
     assert find_layer(m, "block_16_project").shape[:2] == (2, 2)
     with pytest.raises(BiasscopeError, match="did you mean.*block_16_project"):
         find_layer(m, "block_16_projekt")
-    with pytest.raises(BiasscopeError, match="not \\(batch, H, W, C\\)"):
+    with pytest.raises(BiasscopeError, match="neither \\(batch, H, W, C\\)"):
         find_layer(m, m.layers[-1].name)
 
 
