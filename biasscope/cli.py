@@ -241,11 +241,13 @@ def layers(
         _fail(exc)
     table = Table(title=f"CAM target layers of {model.name}")
     for col in ("", "layer", "type", "output (H, W, C) or tokens"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)  # whole paths, so that they can be copied into --layer
     for info in cands:
         mark = "auto" if auto is not None and info.path == auto.path else ""
         table.add_row(mark, info.path, info.class_name, info.describe())
-    out_console.print(table)
+    widest = [max([len(r) for r in rows] or [0]) for rows in
+              (["auto"], [i.path for i in cands], [i.class_name for i in cands], [i.describe() for i in cands])]
+    Console(width=max(out_console.width, sum(widest) + 13)).print(table)
     if auto is None:
         err_console.print("no automatic choice: no layer has a spatial output larger than 1x1 or patch-grid "
                           "tokens the scores depend on")
