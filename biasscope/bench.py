@@ -84,10 +84,18 @@ def build_arch(arch: str, image_size: tuple, n_classes: int = 10):
 
 def run_bench(model=None, *, arch: str | None = None, n: int = 512, batch_size: int = 16,
               image_size=(224, 224), recipe_sample: int = 8, repeats: int = 2,
-              preprocess="none", workdir=None, progress=True) -> dict:
-    """Time scan-from-disk and the per-image recipe against a compiled forward pass."""
+              preprocess="none", workdir=None, progress=True, methods=("gradcam",),
+              scorecam_channels=(32,)) -> dict:
+    """Time scan-from-disk with each CAM method and the per-image recipe against a compiled
+    forward pass over the same images, in one run.
+
+    ``methods``: names from :data:`biasscope.methods.METHOD_NAMES` (``"all"`` for every one);
+    Score-CAM is timed once per value of ``scorecam_channels``. The first method's figures are
+    also the top-level ``scan_s``/``scan_over_forward``; every method's are under ``methods``.
+    """
     from .api import _input_geometry, _load_model, scan
     from .cams import compiled_forward
+    from .methods import METHOD_NAMES, check_method
     from .model import choose_layer, output_head
 
     rep = as_reporter(progress)
@@ -95,11 +103,18 @@ def run_bench(model=None, *, arch: str | None = None, n: int = 512, batch_size: 
         raise BiasscopeError("bench needs a MODEL path or --arch NAME (one of them)")
     if n < batch_size:
         raise BiasscopeError(f"--n ({n}) must be at least --batch-size ({batch_size})")
+    methods = list(METHOD_NAMES) if "all" in methods else list(dict.fromkeys(methods))
+    runs = []  # (label, method, options)
+    for m in methods:
+        for ch in (scorecam_channels if m == "scorecam" else (None,)):
+            opts = check_method(m, 32 if ch is None else ch)
+            runs.append((m if ch is None else f"{m} (N={ch})", m, opts))
     kmodel = build_arch(arch, image_size) if arch else _load_model(model, False)[0]
     H, W, C = _input_geometry(kmodel, None if not arch else image_size)
     head = output_head(kmodel)
-    target = choose_layer(kmodel)
+    target = choose_layer(kmodel, input_shape=(H, W, C))
     work = Path(tempfile.mkdtemp(prefix="biasscope-bench-", dir=workdir))
+    timed: dict = {}
     try:
         with rep.task("writing images", total=None):
             n_cls = min(head.n_classes, n)
@@ -107,18 +122,21 @@ def run_bench(model=None, *, arch: str | None = None, n: int = 512, batch_size: 
             os.sync()  # flush the new files now, not while the scan is being timed
         # the class map lets a model with more outputs than the sample has classes be scanned
         cmap = {f"c{c:03d}": c for c in range(n_cls)}
-        # warm-up: trace the CAM engine on two batches (the engine is reused by the timed scan)
-        scan(kmodel, data, out=work / "warm", batch_size=batch_size, limit=2 * batch_size,
-             preprocess=preprocess, class_map=cmap, analysis=False, progress=False)
-        scan_times = []
-        for r in range(max(1, repeats)):  # best of `repeats`, as for the baseline
-            t = time.perf_counter()
-            # the Grad-CAM pass to the stored result; analysis is timed by its own figures
-            result = scan(kmodel, data, out=work / f"scan{r}", batch_size=batch_size,
-                          preprocess=preprocess, class_map=cmap, analysis=False, progress=progress)
-            scan_times.append(time.perf_counter() - t)
-            shutil.rmtree(work / f"scan{r}")
-        scan_s = min(scan_times)
+        for label, method, opts in runs:
+            kw = dict(batch_size=batch_size, preprocess=preprocess, class_map=cmap, analysis=False,
+                      method=method, **opts)
+            # warm-up: trace the CAM engine on two batches (the engine is reused by the timed scan)
+            scan(kmodel, data, out=work / "warm", limit=2 * batch_size, progress=False, **kw)
+            shutil.rmtree(work / "warm")
+            scan_times = []
+            for r in range(max(1, repeats)):  # best of `repeats`, as for the baseline
+                t = time.perf_counter()
+                # the CAM pass to the stored result; analysis is timed by its own figures
+                result = scan(kmodel, data, out=work / f"scan{r}", progress=progress, **kw)
+                scan_times.append(time.perf_counter() - t)
+                shutil.rmtree(work / f"scan{r}")
+            timed[label] = {"method": method, **opts, "scan_s": min(scan_times), "scan_runs_s": scan_times,
+                            "traces": result.meta["timings"]["traces"]}
         rss_scan = _peak_rss_mb()
 
         # baseline: the compiled forward pass over the same decoded images, already in memory
@@ -140,17 +158,23 @@ def run_bench(model=None, *, arch: str | None = None, n: int = 512, batch_size: 
             fwd_times.append(time.perf_counter() - t)
         forward_s = min(fwd_times)
 
-        recipe = _time_recipe(kmodel, target, images[:recipe_sample]) if recipe_sample else None
+        recipe = _time_recipe(kmodel, target, images[:recipe_sample]) \
+            if recipe_sample and "gradcam" in methods else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    for fig in timed.values():
+        fig["scan_img_s"] = n / fig["scan_s"]
+        fig["scan_over_forward"] = fig["scan_s"] / forward_s
+    first = timed[runs[0][0]]
     out = {
         "model": arch or str(model), "n": n, "batch_size": batch_size, "image_size": [H, W],
-        "layer": target.path, "device": _device(),
+        "layer": target.path, "layer_output": target.describe(), "device": _device(),
         "forward_s": forward_s, "forward_img_s": n / forward_s,
-        "scan_s": scan_s, "scan_img_s": n / scan_s, "scan_over_forward": scan_s / forward_s,
-        "forward_runs_s": fwd_times, "scan_runs_s": scan_times, "peak_rss_mb_after_scan": rss_scan,
-        "gradcam_traces": result.meta["timings"]["traces"],
+        "method": runs[0][0], "scan_s": first["scan_s"], "scan_img_s": first["scan_img_s"],
+        "scan_over_forward": first["scan_over_forward"],
+        "forward_runs_s": fwd_times, "scan_runs_s": first["scan_runs_s"], "peak_rss_mb_after_scan": rss_scan,
+        "gradcam_traces": first["traces"], "methods": timed,
     }
     if recipe is not None:
         per_image, err = recipe

@@ -111,6 +111,23 @@ def test_bench_reports_ratios(cnn_path, tmp_path):
     assert res["recipe_per_image_s"] > 0 and "x forward" in r.output
 
 
+def test_bench_times_each_method_and_scorecam_per_n(cnn_path, tmp_path):
+    js = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", str(cnn_path), "--n", "16", "--batch-size", "8", "--recipe-sample", "0",
+                            "--method", "layercam", "--method", "scorecam", "--scorecam-channels", "2",
+                            "--scorecam-channels", "16", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(js.read_text())
+    assert list(res["methods"]) == ["layercam", "scorecam (N=2)", "scorecam (N=16)"]
+    for fig in res["methods"].values():
+        assert fig["traces"] == 1
+        assert fig["scan_over_forward"] == pytest.approx(fig["scan_s"] / res["forward_s"])
+    assert res["methods"]["scorecam (N=16)"]["scorecam_channels"] == 16
+    assert "scorecam (N=16)" in r.output and "recipe_per_image_s" not in res
+    _one_line_error(runner.invoke(app, ["bench", str(cnn_path), "--method", "gradcam++"]),
+                    "--method 'gradcam++'", "available methods are gradcam, gradcampp")
+
+
 def test_bench_needs_model_or_arch():
     _one_line_error(runner.invoke(app, ["bench"]), "MODEL path or --arch")
 
