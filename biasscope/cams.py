@@ -69,7 +69,10 @@ class BaseCAM:
         self.top_k = min(int(top_k), self.n_classes)
         spec = [tf.TensorSpec((self.batch_size, *self.input_shape), tf.float32),
                 tf.TensorSpec((self.batch_size,), tf.int32)]
-        self._step = tf.function(self._batch, input_signature=spec, reduce_retracing=False)
+        # not converted by autograph: the methods are plain tensor code, and a BiasscopeError
+        # raised while tracing (a layer no gradient reaches) must reach the user as itself
+        self._step = tf.function(tf.autograph.experimental.do_not_convert(self._batch),
+                                 input_signature=spec, reduce_retracing=False)
 
     # -- the one override -------------------------------------------------------------------
     def get_cam_weights(self, activations, grads, ctx):

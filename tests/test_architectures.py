@@ -1,10 +1,18 @@
-"""`scan` on every keras.applications architecture (weights=None), bare and as a nested transfer model."""
+"""`scan` on every keras.applications architecture (weights=None), bare and as a nested transfer
+model, and every gradient CAM method on the same target layer."""
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import biasscope
+from biasscope.cams import METHODS, BaseCAM
+from biasscope.model import Capture, find_layer, output_head
+
+import test_methods
+
+GRADIENT_METHODS = [name for name, cls in METHODS.items() if cls.needs_gradients]
 
 ARCHS = {  # name -> input size giving a final feature map larger than 1x1
     "Xception": 96, "ResNet50": 64, "MobileNetV2": 64, "MobileNetV3Small": 64, "EfficientNetB0": 64,
@@ -15,6 +23,64 @@ EXPECTED_LAYER = {  # the conventional Grad-CAM layer of each architecture
     "EfficientNetB0": "top_activation", "DenseNet121": "relu", "InceptionV3": "mixed10",
     "VGG16": "block5_pool",
 }
+
+
+class _AllGradientMethods(BaseCAM):
+    """Every gradient method's map from one trace: the same A and gradients go through each
+    method's own override. Test-only, so that 9 architectures x 2 x 5 methods cost 18 traces."""
+
+    name = "all-gradient-methods"
+
+    def get_cam_image(self, activations, grads, ctx):
+        maps = []
+        for name in GRADIENT_METHODS:
+            cls = METHODS[name]
+            if cls.get_cam_image is BaseCAM.get_cam_image:
+                w = cls.get_cam_weights(self, activations, grads, ctx)
+                maps.append(tf.einsum("bhwk,bk->bhw", activations, w))
+            else:
+                maps.append(cls.get_cam_image(self, activations, grads, ctx))
+        return tf.stack(maps, axis=1)
+
+
+def _eager_activations_and_grads(model, info, head, x, classes):
+    """A and dz_c/dA per image, run eagerly (no tf.function), for the numpy references."""
+    with tf.GradientTape(persistent=True) as tape:
+        with Capture(info, head, tape) as cap:
+            model(x, training=False)
+        score = tf.reduce_sum(tf.gather(cap.scores, classes, batch_dims=1))
+    g = cap.as_grid(tape.gradient(score, cap.raw))
+    return cap.activations.numpy().astype(np.float64), g.numpy().astype(np.float64)
+
+
+def _check_methods(model, layer, size):
+    """The compiled, batched maps of every gradient method equal its per-image numpy formula
+    (tests/test_methods.py) on this architecture's own target layer."""
+    info, head = find_layer(model, layer), output_head(model)
+    eng = _AllGradientMethods(model, info, head, batch_size=4, input_shape=(size, size, 3))
+    x = (np.random.default_rng(0).random((4, size, size, 3)) * 255).astype("float32")
+    labels = np.array([0, 1, 2, 0], np.int32)
+    out = eng(x, labels)
+    n_nonzero = 0
+    for key, classes in (("cam_pred", out["pred_idx"]), ("cam_true", labels)):
+        maps = out[key]
+        assert maps.shape[:2] == (4, len(GRADIENT_METHODS)) and maps.shape[2] > 1
+        assert np.isfinite(maps).all() and (maps >= 0).all()
+        A, g = _eager_activations_and_grads(model, info, head, x, classes.astype(np.int32))
+        for j, name in enumerate(GRADIENT_METHODS):
+            ref = getattr(test_methods, f"_ref_{name}")
+            for i in range(4):
+                want = ref(A[i], g[i])
+                # random weights can zero one class's map everywhere; then both must be zero
+                np.testing.assert_allclose(_maxnorm(maps[i, j]), _maxnorm(want), atol=1e-3,
+                                           err_msg=f"{name}, {key}, image {i}")
+                n_nonzero += want.max() > 0
+    assert n_nonzero > 0
+
+
+def _maxnorm(h):
+    m = h.max()
+    return h / m if m > 0 else h
 
 
 def _check(scan, n_images, size):
@@ -41,6 +107,7 @@ def test_bare_architecture(arch, image_set, tmp_path):
     if arch in EXPECTED_LAYER:
         assert s.meta["layer"] == EXPECTED_LAYER[arch]
     _check(s, 6, size)
+    _check_methods(model, s.meta["layer"], size)
 
 
 @pytest.mark.slow
@@ -58,3 +125,4 @@ def test_nested_transfer_architecture(arch, image_set, tmp_path):
     if arch in EXPECTED_LAYER:
         assert s.meta["layer"] == f"{base.name}/{EXPECTED_LAYER[arch]}"
     _check(s, 6, size)
+    _check_methods(model, s.meta["layer"], size)

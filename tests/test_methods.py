@@ -344,10 +344,6 @@ def test_gradient_method_on_layer_the_scores_ignore_is_detected(method):
     assert ok(x, labels)["cam_pred"].shape == (2, SIZE, SIZE)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "biasscope.cams raises the BiasscopeError while tf.function traces _batch; autograph re-raises "
-    "it as tensorflow's StagingError (only exact built-in exception types keep their type), so "
-    "api.scan and the CLI see a StagingError instead of a one-line BiasscopeError"))
 def test_layer_the_scores_ignore_is_a_biasscope_error():
     eng, x, labels = _side_engine("gradcam")
     with pytest.raises(BiasscopeError, match=r"do not depend on layer 'side/side_conv'"):
