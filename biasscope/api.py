@@ -173,7 +173,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
          counterfactuals: bool | None = None, fail_on=(), analysis: bool = True,
          report: bool = True, detector_options: dict | None = None, progress=True,
          scorecam_channels: int = 32) -> Scan:
-    """Run Grad-CAM over a labelled image set and store the result in ``out``.
+    """Run Grad-CAM (or another CAM method) over a labelled image set and store the result in ``out``.
 
     Parameters
     ----------
@@ -257,7 +257,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
                     seed=seed, counterfactuals=counterfactuals, fail_on=fail_on,
                     detector_options=detector_options, report=report, rep=rep)
         if old is not None and old.get("status") == "complete":
-            rep.note(f"[green]{out}[/] already holds this Grad-CAM pass; redoing only the analysis")
+            rep.note(f"[green]{out}[/] already holds this CAM pass; redoing only the analysis")
             return _analyse_scan(load(out), **post) if analysis else load(out)
 
         meta = {
@@ -325,7 +325,10 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             stage["postprocess_s"] += time.perf_counter() - t
             return int(idx[valid][-1]) + 1 if valid.any() else 0
 
-        with rep.task("Grad-CAM", total=len(ds)) as task, ThreadPoolExecutor(1) as pool:
+        label = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+                 "hirescam": "HiResCAM", "layercam": "LayerCAM", "eigencam": "Eigen-CAM",
+                 "scorecam": "Score-CAM"}.get(method, method)
+        with rep.task(label, total=len(ds)) as task, ThreadPoolExecutor(1) as pool:
             task.advance(start)
             done, prev = start, None
             it = iter(pipe)

@@ -70,7 +70,7 @@ def scan(
     report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html."),
     fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", help="Exit 1 when this gate trips: a finding kind, severity>=X, or a summary figure like worst_group_acc<0.8. Repeatable.", show_default=False),
 ) -> None:
-    """Run Grad-CAM over DATA with MODEL, analyse the heatmaps and report findings."""
+    """Run Grad-CAM (or another CAM method) over DATA with MODEL, analyse the heatmaps and report findings."""
     from .api import scan as run_scan
 
     try:
@@ -282,7 +282,7 @@ def bench(
     table.add_row("compiled forward pass (decoded, in memory)", f"{res['forward_s']:.2f}",
                   f"{res['forward_img_s']:.1f}", "1.00")
     for label, fig in res["methods"].items():
-        table.add_row(f"biasscope scan, {label} (from files on disk)", f"{fig['scan_s']:.2f}",
+        table.add_row(f"scan from disk, {label}", f"{fig['scan_s']:.2f}",
                       f"{fig['scan_img_s']:.1f}", f"{fig['scan_over_forward']:.2f}")
     if res.get("recipe_per_image_s"):
         table.add_row(f"per-image recipe (median of {recipe_sample}, extrapolated)",

@@ -465,7 +465,7 @@ def gradient_reach(model, infos: list[LayerInfo], input_shape: tuple) -> list[fl
     tf = import_tf()
     outs: dict = {}
     restore = []
-    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
         for info in infos:
             layer = info.layer
             if "call" in vars(layer):
@@ -487,11 +487,13 @@ def gradient_reach(model, infos: list[LayerInfo], input_shape: tuple) -> list[fl
         finally:
             for layer in restore:
                 delattr(layer, "call")
+    seen = [info for info in infos if info.path in outs]
+    grads = dict(zip([i.path for i in seen], tape.gradient(score, [outs[i.path] for i in seen])))  # one backward
+    del tape
     reach = []
     for info in infos:
-        g = tape.gradient(score, outs[info.path]) if info.path in outs else None
+        g = grads.get(info.path)
         reach.append(0.0 if g is None else float(tf.reduce_max(tf.abs(info.as_grid(g)))))
-    del tape
     return reach
 
 

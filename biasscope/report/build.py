@@ -440,7 +440,7 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
         "mean_inside_frac": summary.get("mean_inside_frac"),
         "n_with_mask": summary.get("n_with_mask", int(np.isfinite(_num(table, "inside_frac")).sum())),
         "heatmaps_all_zero": bool(summary.get("heatmaps_all_zero")),
-        "layer": meta.get("layer"), "method": meta.get("method"), "n_classes": len(ds_classes) or len(order),
+        "layer": meta.get("layer"), "layer_output": meta.get("layer_output"), "method": meta.get("method"), "n_classes": len(ds_classes) or len(order),
         "by_band": by_band, "n_findings": len(findings),
         "gates": summary.get("gates") or [],
         "verdict": verdict,
