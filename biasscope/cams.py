@@ -125,7 +125,6 @@ class BaseCAM:
             cam_true = tf.nn.relu(self.get_cam_image(activations, grads_of(score_label), ctx))
         else:
             cam_true = cam_pred
-        del tape
         top_p, top_i = tf.math.top_k(probs, k=self.top_k)
         return {
             "pred_idx": pred,

@@ -489,7 +489,6 @@ def gradient_reach(model, infos: list[LayerInfo], input_shape: tuple) -> list[fl
                 delattr(layer, "call")
     seen = [info for info in infos if info.path in outs]
     grads = dict(zip([i.path for i in seen], tape.gradient(score, [outs[i.path] for i in seen])))  # one backward
-    del tape
     reach = []
     for info in infos:
         g = grads.get(info.path)

@@ -13,16 +13,9 @@ from biasscope.cli import app
 from biasscope.model import choose_layer, find_layer, output_head, target_layers, token_grid
 from conftest import make_vit
 
+from test_cli import _one_line_error
+
 runner = CliRunner()
-
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    out = result.output.strip()
-    assert "Traceback" not in out
-    assert out.startswith("error:") and len(out.splitlines()) == 1, out
-    for f in fragments:
-        assert f in out, out
 
 
 def _maxnorm(h):
