@@ -21,7 +21,6 @@ from rich.markup import escape
 from . import __version__
 from .data import BOX_COLS, Dataset, load_dataset
 from .errors import BiasscopeError, ScanInterrupted
-from .metrics import inside_frac, lift, upsample_bilinear
 from .progress import as_reporter
 from .store import (LOCK, SCHEMA_VERSION, ChunkWriter, Scan, ScanLock, load, read_meta, stored_rows,
                     write_json, write_table)
@@ -214,7 +213,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     -------
     Scan
     """
-    from .metrics import attention_metrics
+    from .kernel import batch_rows
     from .model import model_fingerprint, output_head
     from .summary import validate_gates
 
@@ -302,25 +301,9 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             t = time.perf_counter()
             idx = batch["index"].numpy()
             valid = idx >= 0
-            masks_b, has_mask = batch["mask"].numpy()[valid], batch["has_mask"].numpy()[valid]
-            att = attention_metrics(res["cam_pred"][valid], masks_b, mask_valid=has_mask)
             _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
-            pred = res["pred_idx"][valid].astype(np.int32)
-            att.update(_label_attention(res["cam_true"][valid], masks_b, has_mask,
-                                        pred != label_idx_all[idx[valid]], att))
-            cols = {
-                "index": idx[valid], "pred_idx": pred,
-                "correct": pred == label_idx_all[idx[valid]],
-                "confidence": res["confidence"][valid].astype(np.float64),
-                "label_prob": res["label_prob"][valid].astype(np.float64),
-                "top5": res["top_idx"][valid].astype(np.int32),
-                "top5_prob": res["top_prob"][valid].astype(np.float32),
-                **{k: np.asarray(v, dtype=np.float64) for k, v in att.items()},
-            }
-            # float16 cannot hold the tiny CAMs some models produce: store each map scaled to a
-            # peak of 1 and keep its peak in the table (every metric is scale-invariant)
-            cam_p, cols["cam_max"] = _unit_peak(res["cam_pred"][valid])
-            cam_t, cols["cam_true_max"] = _unit_peak(res["cam_true"][valid])
+            cols, cam_p, cam_t = batch_rows(res, idx, batch["mask"].numpy(), batch["has_mask"].numpy(),
+                                            label_idx_all[idx[valid]])
             writer.add(cols, cam_p, cam_t, reasons=reasons)
             stage["postprocess_s"] += time.perf_counter() - t
             return int(idx[valid][-1]) + 1 if valid.any() else 0
@@ -502,8 +485,13 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
     write_json(out / "summary.json", summary)
     result = load(out)
     if report:
+        t = time.perf_counter()
         with rep.task("writing the report", total=None, unit="step"):
             result.write_report()
+        meta = read_meta(out) or {}
+        meta.setdefault("timings", {})["report_s"] = time.perf_counter() - t
+        write_json(out / "meta.json", meta)
+        result.meta = meta
     return result
 
 
@@ -543,26 +531,6 @@ def _object_embedding(cf, table: pd.DataFrame) -> np.ndarray | None:
     out = np.full((len(table), emb["features"].shape[1]), np.nan, np.float32)
     out[row.loc[idx[keep]].to_numpy()] = emb["features"][keep]
     return out
-
-
-def _label_attention(cam_true, masks, has_mask, wrong, att) -> dict:
-    """inside_frac and lift of the labelled class's CAM (evidence for label issues).
-
-    Where the prediction is right the two CAMs are the same, so only wrong rows are computed.
-    """
-    out = {"inside_frac_true": att["inside_frac"].copy(), "lift_true": att["lift"].copy()}
-    rows = np.flatnonzero(wrong & has_mask)
-    if len(rows):
-        h = upsample_bilinear(cam_true[rows], masks.shape[1:])
-        out["inside_frac_true"][rows] = inside_frac(h, masks[rows])
-        out["lift_true"][rows] = lift(h, masks[rows])
-    return out
-
-
-def _unit_peak(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    peak = cams.max(axis=(1, 2)).astype(np.float64)
-    scale = np.where(peak > 0, peak, 1.0)
-    return cams / scale[:, None, None].astype(cams.dtype), peak
 
 
 def _check_mask_geometry(batch, valid, idx, counts, examples, ds) -> None:

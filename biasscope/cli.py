@@ -264,11 +264,32 @@ def bench(
     preprocess: str = PreprocessOpt,
     method: Optional[List[str]] = typer.Option(None, "--method", help="CAM method to time (repeatable, or 'all'); default gradcam.", show_default=False),
     scorecam_channels: Optional[List[int]] = typer.Option(None, "--scorecam-channels", min=1, help="Score-CAM's N (repeatable: one row each); default 32.", show_default=False),
+    whole_job: bool = typer.Option(False, "--whole-job", help="Time the whole job (CAM pass, counterfactuals, analysis, findings, report) of the demo model on --n benchmark images, each stage as a ratio to the CAM pass."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Scan-from-disk throughput of each CAM method as a ratio to a compiled forward pass over the same images."""
-    from .bench import run_bench
+    from .bench import run_bench, run_whole_job
 
+    if whole_job:
+        if model is not None or arch is not None:
+            _fail(BiasscopeError("--whole-job times the demo model on the built-in benchmark; "
+                                 "give no MODEL or --arch with it"))
+        try:
+            res = run_whole_job(n, batch_size=batch_size)
+        except BiasscopeError as exc:
+            _fail(exc)
+        table = Table(title=f"biasscope bench --whole-job: demo model, {res['n']:,} benchmark images, "
+                            f"batch {res['batch_size']}, {res['device']}")
+        for col in ("stage", "seconds", "x CAM pass"):
+            table.add_column(col, justify="right")
+        for key, sec in res["stages"].items():
+            table.add_row(key[:-2].replace("_", " "), f"{sec:.2f}", f"{sec / res['stages']['cam_pass_s']:.2f}")
+        table.add_row("whole job (scan command)", f"{res['total_s']:.2f}", f"{res['total_over_pass']:.2f}")
+        out_console.print(table)
+        out_console.print(f"peak RSS: {res['peak_rss_mb']:.0f} MB")
+        if json_out:
+            json_out.write_text(json.dumps(res, indent=2))
+        return
     try:
         res = run_bench(model, arch=arch, n=n, batch_size=batch_size, image_size=tuple(image_size),
                         recipe_sample=recipe_sample, preprocess=preprocess,
