@@ -272,3 +272,46 @@ def run_whole_job(n: int = 10_000, *, batch_size: int = 32, cache_dir=None, work
     return {"n": n, "batch_size": batch_size, "device": _device(), "total_s": total_s,
             "total_over_pass": total_s / pass_s, "peak_rss_mb": rss, "stages": stages,
             "over_pass": {k[:-2]: v / pass_s for k, v in stages.items()}}
+
+
+def synthetic_scan_table(n: int, *, seed: int = 0, n_classes: int = 4, hw: int = 7):
+    """A scan-like table and (n, hw, hw) float16 heatmaps for timing the analysis at any n:
+    each predicted class attends to one of three class-specific spots plus noise; 80% correct;
+    an attribute ``background`` with three values."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    classes = np.array([f"c{c}" for c in range(n_classes)])
+    lab = rng.integers(0, n_classes, n)
+    pred = np.where(rng.random(n) < 0.8, lab, rng.integers(0, n_classes, n))
+    yy, xx = np.mgrid[:hw, :hw]
+    spots = rng.integers(1, hw - 1, (n_classes, 3, 2))
+    which = rng.integers(0, 3, n)
+    heat = np.empty((n, hw, hw), np.float16)
+    for i in range(0, n, 100_000):  # bounded temporaries
+        sl = slice(i, i + 100_000)
+        cy, cx = spots[pred[sl], which[sl], 0], spots[pred[sl], which[sl], 1]
+        h = np.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / 2.0)
+        heat[sl] = h + 0.2 * rng.random(h.shape)
+    table = pd.DataFrame({"path": [f"images/{i}.png" for i in range(n)], "label": classes[lab],
+                          "pred": classes[pred], "correct": lab == pred,
+                          "inside_frac": rng.random(n), "lift": rng.random(n) * 2,
+                          "pointing_hit": rng.random(n) < 0.5,
+                          "background": rng.choice(["a", "b", "c"], n)})
+    return table, heat, list(classes)
+
+
+def run_analysis_bench(n: int, *, seed: int = 0) -> dict:
+    """Seconds and peak RSS of :func:`biasscope.analysis.analyse` (clusters, 2-D map, class
+    and group statistics) on ``n`` synthetic rows."""
+    from .analysis import analyse
+
+    if n < 1:
+        raise BiasscopeError(f"--n must be >= 1, got {n}")
+    table, heat, classes = synthetic_scan_table(n, seed=seed)
+    rss0 = _peak_rss_mb()
+    t = time.perf_counter()
+    _, info = analyse(table, heat, seed=seed, classes=classes, attributes=["background"])
+    return {"n": n, "analysis_s": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb_before": rss0, "n_clusters": len(info["clusters"]),
+            "projection": info.get("projection"), "device": _device()}

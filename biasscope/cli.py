@@ -265,11 +265,22 @@ def bench(
     method: Optional[List[str]] = typer.Option(None, "--method", help="CAM method to time (repeatable, or 'all'); default gradcam.", show_default=False),
     scorecam_channels: Optional[List[int]] = typer.Option(None, "--scorecam-channels", min=1, help="Score-CAM's N (repeatable: one row each); default 32.", show_default=False),
     whole_job: bool = typer.Option(False, "--whole-job", help="Time the whole job (CAM pass, counterfactuals, analysis, findings, report) of the demo model on --n benchmark images, each stage as a ratio to the CAM pass."),
+    analysis: bool = typer.Option(False, "--analysis", help="Time the analysis (clusters, 2-D map, statistics) alone on --n synthetic scan rows."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Scan-from-disk throughput of each CAM method as a ratio to a compiled forward pass over the same images."""
-    from .bench import run_bench, run_whole_job
+    from .bench import run_analysis_bench, run_bench, run_whole_job
 
+    if analysis:
+        try:
+            res = run_analysis_bench(n)
+        except BiasscopeError as exc:
+            _fail(exc)
+        out_console.print(f"analysis of {res['n']:,} synthetic rows: {res['analysis_s']:.1f} s, "
+                          f"peak RSS {res['peak_rss_mb']:.0f} MB ({res['n_clusters']} clusters; {res['device']})")
+        if json_out:
+            json_out.write_text(json.dumps(res, indent=2))
+        return
     if whole_job:
         if model is not None or arch is not None:
             _fail(BiasscopeError("--whole-job times the demo model on the built-in benchmark; "

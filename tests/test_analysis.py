@@ -311,3 +311,19 @@ def test_analyse_runs_single_threaded(monkeypatch):
     t, heat, _ = two_strategies()
     analyse(t, heat, projection="none")
     assert seen and set(seen) == {1}
+
+
+def test_large_class_is_clustered_on_a_sample_and_the_rest_join_their_neighbours():
+    # three strategies (hot spots) of 400 images each; fitted on 300, the other 900 assigned
+    rng = np.random.default_rng(3)
+    spots = [(1, 1), (1, 6), (6, 3)]
+    maps = np.stack([blob(*spots[i % 3], 0.8) + rng.uniform(0, 0.05, (HW, HW)) for i in range(1200)])
+    truth = np.arange(1200) % 3
+    X = (maps / maps.sum(axis=(1, 2), keepdims=True)).reshape(1200, -1)
+    capped = cluster_class(X, max_fit=300, seed=1)
+    full = cluster_class(X, seed=1)
+    assert capped["n_fit"] == 300 and full["n_fit"] == 1200 and capped["k"] == full["k"] == 3
+    # the same partition as the full fit and as the planted strategies (labels up to renaming)
+    for labels in (capped["labels"], full["labels"]):
+        pairs = set(zip(truth.tolist(), labels.tolist()))
+        assert len(pairs) == 3 and len({p[1] for p in pairs}) == 3

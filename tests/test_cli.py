@@ -160,3 +160,40 @@ def test_usage_errors_from_the_console_script_are_one_line(argv, fragment, tmp_p
     assert r.returncode == 2
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and fragment in err, err
+
+
+def test_bench_analysis_times_synthetic_rows(tmp_path):
+    js = tmp_path / "a.json"
+    r = runner.invoke(app, ["bench", "--analysis", "--n", "600", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(js.read_text())
+    assert res["n"] == 600 and res["analysis_s"] > 0 and res["n_clusters"] >= 4  # >= 1 per class
+    assert "600 synthetic rows" in r.output
+
+
+def test_bench_whole_job_times_every_stage_against_the_cam_pass(image_set, tmp_path, monkeypatch):
+    import csv
+
+    from biasscope import benchmark
+    from biasscope.bench import run_whole_job
+
+    # the benchmark's validation split stood in for by the small image set (same layout)
+    val = tmp_path / "cache" / "bias-benchmark-default" / "val"
+    val.parent.mkdir(parents=True)
+    (val.parent / "val").symlink_to(image_set)
+    with open(image_set / "manifest.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "mask", "background"])
+        for i, f in enumerate(sorted((image_set / "images").rglob("*.png"))):
+            rel = f.relative_to(image_set)
+            w.writerow([rel, f.parent.name, rel.as_posix().replace("images/", "masks/", 1), "ab"[i % 2]])
+    monkeypatch.setattr(benchmark, "build_benchmark", lambda *a, **k: None)
+    monkeypatch.setattr(benchmark, "train_demo_model", lambda *a, **k: make_cnn(3, 32))
+    res = run_whole_job(45, batch_size=8, cache_dir=tmp_path / "cache", progress=False)
+    st = res["stages"]
+    assert res["n"] == 45 and set(st) == {"setup_s", "cam_pass_s", "counterfactuals_s", "occlusion_s",
+                                          "analysis_s", "findings_s", "report_s", "rest_s"}
+    assert st["counterfactuals_s"] > 0 and st["report_s"] > 0 and st["cam_pass_s"] > 0
+    assert sum(st.values()) == pytest.approx(res["total_s"], rel=1e-6)
+    assert res["over_pass"]["cam_pass"] == 1.0
+    assert res["total_over_pass"] == pytest.approx(res["total_s"] / st["cam_pass_s"])
