@@ -439,9 +439,13 @@ def _tsne(X, seed: int, info: dict):
         dims = min(_PCA_DIMS, X.shape[1], n)
         # fitted on the images t-SNE sees (all of them up to _TSNE_FIT_MAX), the rest
         # transformed in chunks: a PCA of all 1,000,000 maps would need several GB
-        pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit(X[fit])
-        Z = np.concatenate([pca.transform(X[i:i + 100_000]).astype(np.float32)
-                            for i in range(0, n, 100_000)])
+        pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed)
+        if len(fit) == n:
+            Z = pca.fit_transform(X)
+        else:
+            pca.fit(X[fit])
+            Z = np.concatenate([pca.transform(X[i:i + 100_000]).astype(np.float32)
+                                for i in range(0, n, 100_000)])
         info["pca_dims"] = dims
     info["n_fit"] = int(len(fit))
     perplexity = float(min(30.0, max(1.0, (len(fit) - 1) / 3.0)))
