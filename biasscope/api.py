@@ -369,6 +369,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         meta.update({
             "status": "complete", "n_scanned": len(table), "skipped": skipped, "warnings": warnings,
             "timings": {"total_s": time.perf_counter() - t0, "gradcam_pass_s": pass_s,
+                        "setup_s": t_pass - t0, "assemble_s": time.perf_counter() - t_pass - pass_s,
                         "images_per_s": (len(ds) - start) / pass_s if pass_s > 0 else None,
                         "resumed_at": start, "traces": engine.concrete_functions, **stage},
         })
