@@ -442,12 +442,13 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
     has_masks = bool(table["inside_frac"].notna().any())
     cf = None
     if counterfactuals or (counterfactuals is None and has_masks):
-        from .counterfactuals import run_counterfactuals
+        from .counterfactuals import run_counterfactuals, sample_size_for
 
         t = time.perf_counter()
         H, W, C = geometry
         cf = run_counterfactuals(model, ds, image_size=(H, W), channels=C, batch_size=batch_size,
-                                 preprocess=preprocess, seed=seed, target=target, progress=rep)
+                                 preprocess=preprocess, seed=seed, target=target,
+                                 mixed_per_class=sample_size_for(0.03), progress=rep)
         timings["counterfactuals_s"] = time.perf_counter() - t
     object_embedding = _object_embedding(cf, table)
     occlusion = _occlusion(model, ds, table, info, geometry=geometry, batch_size=batch_size,

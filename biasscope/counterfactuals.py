@@ -349,6 +349,42 @@ def _class_stats(ci: int, label, orig, only_bg, only_fg, mixed, src_label, tier,
 # ----------------------------------------------------------------------------------------------
 
 
+#: Mixed-Rand objects per class: enough for a 95% CI half-width of about 0.03 on a rate
+#: (1.96^2 * 0.25 / 0.03^2 = 1,068, the worst case p = 0.5).
+def sample_size_for(half_width: float = 0.03, z: float = 1.96) -> int:
+    """Images per class for a 95% CI of half-width ``half_width`` on a rate (worst case 0.5)."""
+    if not 0 < half_width < 0.5:
+        raise BiasscopeError(f"half_width must be in (0, 0.5), got {half_width}")
+    return int(np.ceil(z * z * 0.25 / (half_width * half_width)))
+
+
+def stratified_sample(table, rows: np.ndarray, per_class: int | None, attributes, seed: int) -> np.ndarray:
+    """Which of ``rows`` (dataset rows with a mask) get Mixed-Rand draws: every row of a class
+    with at most ``per_class`` of them; else ``per_class`` rows drawn at random (seeded), spread
+    over the class's attribute groups in proportion to their sizes (each group at least one).
+    Returns a bool array over ``rows``."""
+    keep = np.ones(len(rows), bool)
+    if per_class is None or len(rows) == 0:
+        return keep
+    sub = table.iloc[rows]
+    labels = sub["label_idx"].to_numpy()
+    attrs = [a for a in (attributes or []) if a in sub.columns]
+    groups = (sub[attrs].astype(str).agg("|".join, axis=1).to_numpy() if attrs
+              else np.zeros(len(rows), dtype=object))
+    for c in np.unique(labels):
+        mine = np.flatnonzero(labels == c)
+        if len(mine) <= per_class:
+            continue
+        keep[mine] = False
+        rng = np.random.default_rng([int(seed), 2, int(c)])
+        gs, counts = np.unique(groups[mine], return_counts=True)
+        quota = np.maximum(1, np.floor(per_class * counts / len(mine)).astype(int))
+        for g, q in zip(gs, quota):
+            members = mine[groups[mine] == g]
+            keep[rng.choice(members, min(q, len(members)), replace=False)] = True
+    return keep
+
+
 def _rows_with_masks(ds: Dataset) -> np.ndarray:
     if ds.arrays is not None:
         if ds.arrays.get("masks") is None:
@@ -379,7 +415,7 @@ def _classifier(model):
 def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_size: int,
                         preprocess="none", seed: int = 0, n_boot: int = 1000, draws: int = 4,
                         pairing: str = "background", dilate: int = 2, target=None,
-                        progress=True) -> dict:
+                        mixed_per_class: int | None = None, progress=True) -> dict:
     """Only-BG / Mixed-Rand background tests over the images of ``ds`` that have a mask.
 
     Parameters
@@ -411,6 +447,12 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     target : LayerInfo, optional
         A spatial layer (:func:`biasscope.model.choose_layer`): the spatial mean of its
         activations on each Only-FG image is returned as the object embedding.
+    mixed_per_class : int, optional
+        Mixed-Rand (and so transplant) draws on a stratified sample of this many objects per
+        class (:func:`stratified_sample`; every object of a smaller class); ``None``: every
+        object. Only-BG and Only-FG always cover every image (the attractors, the root-cause
+        explanations and ``label_issue`` read them per image). The scan passes
+        :func:`sample_size_for` (1,068: a CI half-width of about 0.03).
 
     Returns
     -------
@@ -442,7 +484,11 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     if rows.size == 0:
         return {"skipped": "no masks"}
     # Shuffled rows: every batch mixes classes, so backgrounds of other classes are at hand.
-    order = rows[np.random.default_rng([int(seed), 0]).permutation(rows.size)]
+    perm = np.random.default_rng([int(seed), 0]).permutation(rows.size)
+    sampled = stratified_sample(ds.table, rows, mixed_per_class, ds.attributes, seed)[perm]
+    # the Mixed-Rand sample first, the rest after: batches past the sample skip the draws
+    order = np.concatenate([rows[perm][sampled], rows[perm][~sampled]])
+    n_draw_rows = int(sampled.sum())
     sub = dataclasses.replace(
         ds, table=ds.table.iloc[order].reset_index(drop=True),
         arrays=None if ds.arrays is None else {
@@ -492,8 +538,12 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
             only_bg, p_orig, p_bg, p_fg, emb = originals_and_only_bg(images, mask)
             p_bg = p_bg.numpy()
             mixed, src, tier = [], [], []
-            for _ in range(R):
-                s, t = _pair(labels, p_bg, valid, pair_rng, pairing)
+            draw = valid & (pos < n_draw_rows)
+            if not draw.any():  # past the Mixed-Rand sample: no draws
+                none = np.full(len(pos), -1)
+                mixed, src, tier = [none] * R, [none] * R, [none.astype(np.int8)] * R
+            for _ in range(R if draw.any() else 0):
+                s, t = _pair(labels, p_bg, draw, pair_rng, pairing)
                 p = mixed_rand(images, mask, only_bg, np.maximum(s, 0)).numpy()
                 mixed.append(np.where(s >= 0, p, -1))
                 # sources as positions in the shuffled order (-1: none)
@@ -562,6 +612,15 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
             "pairing": pairing,
             "pair_tiers": tiers,
             "draws": R, "batch_size": B, "image_size": [H, W], "dilate": int(dilate),
+            "mixed_rand_sample": {
+                "per_class": None if mixed_per_class is None else int(mixed_per_class),
+                "stratified_by": ["label", *[a for a in ds.attributes if a in ds.table.columns]],
+                "n_objects": int((mixed[:, 0] >= 0).sum()) if len(mixed) else 0,
+                "n_objects_by_class": {c: int(((label == ds.class_index[c]) & (mixed[:, 0] >= 0)).sum())
+                                       for c in ds.classes},
+                "why": "Mixed-Rand and transplant on a stratified per-class sample sized for a 95% "
+                       "CI half-width of about 0.03 on their rates; Only-BG and Only-FG on every image",
+            },
             "ci": ("percentile bootstrap 95%, images resampled (an image's draws together), "
                    "paired for bg_gap"),
         },

@@ -264,3 +264,35 @@ def test_runs_on_image_files_with_mask_files(image_set):
     assert set(r["classes"]) == {"circle", "square", "stripe"}
     assert all(f["n"] == 6 for f in r["classes"].values())
     assert r["per_image"]["path"][0].startswith("images/")
+
+
+def test_mixed_rand_runs_on_a_stratified_per_class_sample(object_model):
+    import pandas as pd
+
+    from biasscope.counterfactuals import sample_size_for, stratified_sample
+
+    assert sample_size_for(0.03) == 1068
+    data = load_dataset(make_data(n_per_class=12), n_outputs=4)
+    full = run_counterfactuals(object_model, data, **RUN)
+    cut = run_counterfactuals(object_model, data, mixed_per_class=5, **RUN)
+    per = {k: np.asarray(v) for k, v in cut["per_image"].items()}
+    drawn = per["mixed_pred_all"][:, 0] >= 0
+    labels = per["label_idx"]
+    # at most 5 objects of each class get draws (every class has 12); the others none at all
+    assert all(0 < (drawn & (labels == c)).sum() <= 5 for c in range(3))
+    assert (per["pair_tier_all"][~drawn] == -1).all()
+    assert cut["method"]["mixed_rand_sample"]["per_class"] == 5
+    assert sum(cut["method"]["mixed_rand_sample"]["n_objects_by_class"].values()) == int(drawn.sum())
+    # Only-BG and Only-FG still cover every image, unchanged by the sample
+    np.testing.assert_array_equal(cut["per_image"]["only_bg_pred"], full["per_image"]["only_bg_pred"])
+    np.testing.assert_array_equal(cut["per_image"]["only_fg_pred"], full["per_image"]["only_fg_pred"])
+    first = data.classes[0]
+    assert cut["classes"][first]["n_mixed"] <= 5 < full["classes"][first]["n_mixed"]
+    # a sample as large as the data changes nothing
+    same = run_counterfactuals(object_model, data, mixed_per_class=12, **RUN)
+    np.testing.assert_array_equal(same["per_image"]["mixed_pred_all"], full["per_image"]["mixed_pred_all"])
+    assert same["classes"] == full["classes"]
+    # groups: a class's sample is spread over its attribute values in proportion
+    t = pd.DataFrame({"label_idx": [0] * 100, "site": ["a"] * 80 + ["b"] * 20})
+    keep = stratified_sample(t, np.arange(100), 10, ["site"], seed=0)
+    assert keep.sum() == 10 and keep[80:].sum() == 2

@@ -312,6 +312,11 @@ def test_counterfactual_results_are_rendered_when_present(small_scan):
     assert "Mixed-Rand acc." in html and "[10.0%, 30.0%]" in html and '"counterfactuals"' in html
     assert "Only-FG acc.</th>" in html and "87.5% <span class=\"ci\">[62.5%, 100.0%]</span>" in html
     assert "BG-gap</th>" in html  # the per-class table gains the column
+    assert "stratified sample" not in html  # no sample recorded: none claimed
+    scan.analysis["counterfactuals"]["method"] = {"mixed_rand_sample": {
+        "per_class": 1068, "n_objects": 4272, "stratified_by": ["label", "background"]}}
+    html = render_html(scan, thumbnails=False)
+    assert "stratified sample of at most 1,068 objects per class (4,272 in all, by label, background)" in html
     scan.analysis["counterfactuals"] = {"skipped": "no masks"}
     assert "Not run: no masks." in render_html(scan, thumbnails=False)
 

@@ -281,7 +281,7 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
 
     # --- counterfactuals -----------------------------------------------------------------
     cf = analysis.get("counterfactuals")
-    cf_rows, cf_skipped = [], None
+    cf_rows, cf_skipped, cf_sample = [], None, None
     if isinstance(cf, dict) and isinstance(cf.get("classes"), dict):
         for c, v in cf["classes"].items():
             if isinstance(v, dict):
@@ -290,6 +290,12 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
                     "bg_gap_ci", "transplant_rate", "transplant_ci", "only_fg_acc", "only_fg_ci")}})
         if not cf_rows:
             cf_skipped = cf.get("skipped") or "no class could be tested"
+        sample = (cf.get("method") or {}).get("mixed_rand_sample") or {}
+        if sample.get("per_class") is not None:
+            cf_sample = (f"Mixed-Rand and transplant ran on a stratified sample of at most "
+                         f"{int(sample['per_class']):,} objects per class ({int(sample.get('n_objects', 0)):,} "
+                         f"in all, by {', '.join(sample.get('stratified_by') or ['label'])}); "
+                         "Only-BG and Only-FG on every image.")
     else:
         cf_skipped = (cf or {}).get("skipped") if isinstance(cf, dict) else None
         cf_skipped = cf_skipped or "not run (no counterfactual results in this scan)"
@@ -450,6 +456,7 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
         "headline": headline, "findings": findings, "skipped_detectors": skipped_detectors,
         "class_rows": class_rows, "has_masks": has_masks, "cluster_cards": cluster_cards,
         "group_tables": group_tables, "attributes": attributes, "cf_rows": cf_rows, "cf_skipped": cf_skipped,
+        "cf_sample": cf_sample,
         "fig_kinds": fig_kinds, "fig_class": fig_class, "fig_att": fig_att, "fig_cf": fig_cf,
         "att_metric": att_metric, "projection": (analysis.get("projection") or {}).get("method"),
         "meta": _run_metadata(meta, analysis, n, len(images), len(thumb_rows)),
