@@ -86,9 +86,8 @@ def resolve_target(model, layer: str | None, method: str, geometry: tuple):
     A token layer's patch size must divide the image size, and a gradient method needs the
     class scores to depend on the layer's patch tokens (not so after the last attention of a
     CLS-token head)."""
+    from .cams import METHODS
     from .model import choose_layer, find_layer, gradient_reach, target_layers
-
-    from .methods import GRADIENT_FREE
 
     cands = target_layers(model, geometry)
     target = (find_layer(model, layer, cands, input_shape=geometry) if layer
@@ -102,7 +101,7 @@ def resolve_target(model, layer: str | None, method: str, geometry: tuple):
                 f"{target.patch_layer!r} ({H} = {H // ph} x {ph} + {H % ph}, {W} = {W // pw} x {pw} "
                 f"+ {W % pw}): the image's last rows/columns would be cut off the patch grid; "
                 f"use a multiple of {ph}x{pw}")
-    if layer and target.is_tokens and method not in GRADIENT_FREE:
+    if layer and target.is_tokens and METHODS[method].needs_gradients:
         if gradient_reach(model, [target], geometry)[0] == 0:
             h, w, _ = target.shape
             raise BiasscopeError(
@@ -224,7 +223,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     validate_gates(list(fail_on or ()))  # a typo in a gate fails now, not after the scan
     if batch_size < 1:
         raise BiasscopeError(f"--batch-size must be >= 1, got {batch_size}")
-    from .methods import check_method
+    from .methods import METHOD_LABELS, check_method
 
     cam_options = check_method(method, scorecam_channels)
     kmodel, model_path = _load_model(model, unsafe_model)
@@ -308,10 +307,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             stage["postprocess_s"] += time.perf_counter() - t
             return int(idx[valid][-1]) + 1 if valid.any() else 0
 
-        label = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-                 "hirescam": "HiResCAM", "layercam": "LayerCAM", "eigencam": "Eigen-CAM",
-                 "scorecam": "Score-CAM"}.get(method, method)
-        with rep.task(label, total=len(ds)) as task, ThreadPoolExecutor(1) as pool:
+        with rep.task(METHOD_LABELS.get(method, method), total=len(ds)) as task, ThreadPoolExecutor(1) as pool:
             task.advance(start)
             done, prev = start, None
             it = iter(pipe)
@@ -490,10 +486,8 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
         t = time.perf_counter()
         with rep.task("writing the report", total=None, unit="step"):
             result.write_report()
-        meta = read_meta(out) or {}
-        meta.setdefault("timings", {})["report_s"] = time.perf_counter() - t
-        write_json(out / "meta.json", meta)
-        result.meta = meta
+        result.meta.setdefault("timings", {})["report_s"] = time.perf_counter() - t
+        write_json(out / "meta.json", result.meta)
     return result
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 
 from .errors import BiasscopeError
+from .methods import check_method
 from .model import Capture, LayerInfo, OutputHead
 
 from ._tf import import_tf  # noqa: E402
@@ -250,9 +251,7 @@ class ScoreCAM(BaseCAM):
     needs_gradients = False
 
     def __init__(self, *args, scorecam_channels: int = 32, **kwargs):
-        if int(scorecam_channels) < 1:
-            raise BiasscopeError(f"--scorecam-channels must be >= 1, got {scorecam_channels}")
-        self.n_channels = int(scorecam_channels)
+        self.n_channels = check_method(self.name, scorecam_channels)["scorecam_channels"]
         super().__init__(*args, **kwargs)
 
     def _masked_probs(self, activations, inputs):
@@ -298,10 +297,8 @@ def make_cam(method: str, model, target: LayerInfo, head: OutputHead, *, batch_s
     traced graph: a notebook scanning several datasets with one model, or the benchmark after
     its warm-up, pays for tracing once.
     """
-    try:
-        cls = METHODS[method]
-    except KeyError:
-        raise BiasscopeError(f"--method {method!r}: available methods are {', '.join(METHODS)}") from None
+    check_method(method)
+    cls = METHODS[method]
     key = (method, target.path, int(batch_size), tuple(input_shape), preprocess,
            tuple(sorted(options.items())))
     per_model = _ENGINES.setdefault(model, {})

@@ -538,13 +538,11 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
             only_bg, p_orig, p_bg, p_fg, emb = originals_and_only_bg(images, mask)
             p_bg = p_bg.numpy()
             mixed, src, tier = [], [], []
-            draw = valid & (pos < n_draw_rows)
-            if not draw.any():  # past the Mixed-Rand sample: no draws
-                none = np.full(len(pos), -1)
-                mixed, src, tier = [none] * R, [none] * R, [none.astype(np.int8)] * R
-            for _ in range(R if draw.any() else 0):
+            draw = valid & (pos < n_draw_rows)  # rows past the Mixed-Rand sample get no draws
+            for _ in range(R):
                 s, t = _pair(labels, p_bg, draw, pair_rng, pairing)
-                p = mixed_rand(images, mask, only_bg, np.maximum(s, 0)).numpy()
+                # no pair in the batch (it lies past the sample): no forward pass
+                p = mixed_rand(images, mask, only_bg, np.maximum(s, 0)).numpy() if (s >= 0).any() else s
                 mixed.append(np.where(s >= 0, p, -1))
                 # sources as positions in the shuffled order (-1: none)
                 src.append(np.where(s >= 0, pos[np.maximum(s, 0)], -1))

@@ -1,7 +1,8 @@
 """The per-batch kernel of the CAM pass: one batch (images, labels, masks) -> table rows and
-heatmaps. Every engine calls it, so that the stored result does not depend on which one ran.
+heatmaps. Every engine calls it on its CAM engine's output, so that the stored result does not
+depend on which one ran.
 
-numpy only, apart from the CAM engine it is handed: the attention metrics of the predicted and
+numpy only: the attention metrics of the predicted and
 labelled classes' maps, the predictions, and each map scaled to a peak of 1 (float16 cannot hold
 the tiny CAMs some models produce; every metric is scale-invariant and the peak is kept in the
 table).
@@ -12,11 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from .metrics import attention_metrics, inside_frac, lift, upsample_bilinear
-
-
-def run_batch(engine, images, labels, index, masks, has_mask, label_idx):
-    """Run the CAM engine on one padded batch and turn its output into rows (:func:`batch_rows`)."""
-    return batch_rows(engine(images, labels), index, masks, has_mask, label_idx)
 
 
 def batch_rows(res: dict, index: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,

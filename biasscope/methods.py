@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from .errors import BiasscopeError
 
-METHOD_NAMES = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam")
-GRADIENT_FREE = frozenset({"eigencam", "scorecam"})
-CLASS_AGNOSTIC = frozenset({"eigencam"})
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+                 "hirescam": "HiResCAM", "layercam": "LayerCAM", "eigencam": "Eigen-CAM",
+                 "scorecam": "Score-CAM"}
+METHOD_NAMES = tuple(METHOD_LABELS)
 
 
 def check_method(method: str, scorecam_channels: int = 32) -> dict:

@@ -10,6 +10,7 @@ nesting depth and any graph, and leaves the model unchanged afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 from dataclasses import dataclass
@@ -259,6 +260,22 @@ def _shape_of(out):
         return None
 
 
+@contextlib.contextmanager
+def _wrapped_calls(layers, wrap):
+    """Replace each layer's ``call`` by ``wrap(layer, original_call)`` for the duration, then
+    restore it. A layer already wrapped (a capture in progress) is left alone."""
+    done = []
+    try:
+        for layer in layers:
+            if "call" not in vars(layer):
+                layer.call = wrap(layer, layer.call)
+                done.append(layer)
+        yield
+    finally:
+        for layer in done:
+            delattr(layer, "call")
+
+
 @dataclass
 class _Probe:
     order: list         # (path, layer, output shape) in the order the calls finished
@@ -273,41 +290,34 @@ def _probe(model, input_shape) -> _Probe:
 
     layers = [(p, l) for p, l in iter_layers(model) if type(l).__name__ != "InputLayer"]
     paths = {id(l): p for p, l in layers}
-    finished: dict = {}
+    finished: set = set()
     order, last_out, passes_on, stack = [], {}, {}, []
-    restore = []
-    for path, layer in layers:
-        if "call" in vars(layer):
-            continue  # already wrapped (a capture in progress): leave it alone
-        orig = layer.call
 
-        def call(*args, _orig=orig, _layer=layer, **kwargs):
-            stack.append(id(_layer))
+    def wrap(layer, orig):
+        def call(*args, **kwargs):
+            stack.append(id(layer))
             try:
-                out = _orig(*args, **kwargs)
+                out = orig(*args, **kwargs)
             finally:
                 stack.pop()
-            child = last_out.pop(id(_layer), None)
+            child = last_out.pop(id(layer), None)
             if child is not None and child[1] is out:
-                passes_on.setdefault(id(_layer), child[0])
+                passes_on.setdefault(id(layer), child[0])
             if stack:
-                last_out[stack[-1]] = (id(_layer), out)
-            if id(_layer) not in finished:
-                finished[id(_layer)] = True
-                order.append((paths[id(_layer)], _layer, _shape_of(out)))
+                last_out[stack[-1]] = (id(layer), out)
+            if id(layer) not in finished:
+                finished.add(id(layer))
+                order.append((paths[id(layer)], layer, _shape_of(out)))
             return out
+        return call
 
-        layer.call = call
-        restore.append(layer)
     try:
-        model(np.zeros((1, *input_shape), np.float32), training=False)
+        with _wrapped_calls([l for _, l in layers], wrap):
+            model(np.zeros((1, *input_shape), np.float32), training=False)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BiasscopeError(f"model {model.name!r} does not run on a {'x'.join(map(str, input_shape))} "
                              f"input ({msg[:200]})") from None
-    finally:
-        for layer in restore:
-            delattr(layer, "call")
     return _Probe(order, passes_on)
 
 
@@ -385,11 +395,6 @@ def target_layers(model, input_shape: tuple | None = None) -> list[LayerInfo]:
     return out
 
 
-def spatial_layers(model, input_shape: tuple | None = None) -> list[LayerInfo]:
-    """Compatibility name for :func:`target_layers`."""
-    return target_layers(model, input_shape)
-
-
 def _symbolic_spatial_layers(model) -> list[LayerInfo]:
     out = []
     for path, layer in iter_layers(model):
@@ -463,37 +468,24 @@ def gradient_reach(model, infos: list[LayerInfo], input_shape: tuple) -> list[fl
     from ._tf import import_tf
 
     tf = import_tf()
-    outs: dict = {}
-    restore = []
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        for info in infos:
-            layer = info.layer
-            if "call" in vars(layer):
-                continue
-            orig = layer.call
+    outs: dict = {}  # id(layer) -> its output, watched
 
-            def call(*args, _orig=orig, _key=info.path, **kwargs):
-                out = _orig(*args, **kwargs)
-                tape.watch(out)
-                outs[_key] = out
-                return out
+    def wrap(layer, orig):
+        def call(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            tape.watch(out)
+            outs[id(layer)] = out
+            return out
+        return call
 
-            layer.call = call
-            restore.append(layer)
-        try:
-            x = np.random.default_rng(0).uniform(0, 255, (2, *input_shape)).astype(np.float32)
-            y = tf.cast(model(x, training=False), tf.float32)
-            score = tf.reduce_sum(tf.reduce_max(y, axis=-1))
-        finally:
-            for layer in restore:
-                delattr(layer, "call")
-    seen = [info for info in infos if info.path in outs]
-    grads = dict(zip([i.path for i in seen], tape.gradient(score, [outs[i.path] for i in seen])))  # one backward
-    reach = []
-    for info in infos:
-        g = grads.get(info.path)
-        reach.append(0.0 if g is None else float(tf.reduce_max(tf.abs(info.as_grid(g)))))
-    return reach
+    with tf.GradientTape(watch_accessed_variables=False) as tape, \
+            _wrapped_calls([info.layer for info in infos], wrap):
+        x = np.random.default_rng(0).uniform(0, 255, (2, *input_shape)).astype(np.float32)
+        score = tf.reduce_sum(tf.reduce_max(tf.cast(model(x, training=False), tf.float32), axis=-1))
+    keys = list(outs)
+    grads = dict(zip(keys, tape.gradient(score, [outs[k] for k in keys])))  # one backward pass
+    return [0.0 if grads.get(id(info.layer)) is None
+            else float(tf.reduce_max(tf.abs(info.as_grid(grads[id(info.layer)])))) for info in infos]
 
 
 def find_layer(model, name: str, candidates: list[LayerInfo] | None = None, *,

@@ -11,6 +11,7 @@ from biasscope.cams import METHODS, BaseCAM
 from biasscope.model import Capture, find_layer, output_head
 
 import test_methods
+from test_methods import _maxnorm
 
 GRADIENT_METHODS = [name for name, cls in METHODS.items() if cls.needs_gradients]
 
@@ -82,11 +83,6 @@ def _check_methods(model, layer, size):
                                            err_msg=f"{name}, {key}, image {i}")
                 n_nonzero += want.max() > 0
     assert n_nonzero > 0
-
-
-def _maxnorm(h):
-    m = h.max()
-    return h / m if m > 0 else h
 
 
 def _check(scan, n_images, size):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from biasscope.kernel import batch_rows, run_batch, unit_peak
+from biasscope.kernel import batch_rows, unit_peak
 from biasscope.metrics import attention_metrics
 
 
@@ -36,19 +36,6 @@ def test_batch_rows_drops_padding_scales_maps_and_measures_the_labelled_map_wher
     truth = attention_metrics(res["cam_true"][:3], masks[:3], mask_valid=has[:3])
     assert cols["inside_frac_true"][0] == cols["inside_frac"][0]
     assert cols["inside_frac_true"][1] == truth["inside_frac"][1] != cols["inside_frac"][1]
-
-
-def test_run_batch_calls_the_engine_once():
-    rng = np.random.default_rng(1)
-    calls = []
-
-    def engine(images, labels):
-        calls.append(images.shape)
-        return _res(rng)
-
-    cols, _, _ = run_batch(engine, np.zeros((4, 16, 16, 3), np.float32), np.zeros(4, np.int32),
-                           np.arange(4), np.ones((4, 16, 16), bool), np.ones(4, bool), np.zeros(4, int))
-    assert calls == [(4, 16, 16, 3)] and len(cols["index"]) == 4
 
 
 def test_unit_peak_keeps_zero_maps():

@@ -4,7 +4,7 @@ import keras
 import pytest
 
 from biasscope.errors import BiasscopeError
-from biasscope.model import choose_layer, find_layer, output_head, spatial_layers
+from biasscope.model import choose_layer, find_layer, output_head, target_layers
 from conftest import make_cnn
 
 
@@ -61,7 +61,7 @@ def test_find_layer_by_nested_path_plain_name_and_near_matches():
 
 
 def test_spatial_layers_lists_nested_layers_in_order():
-    paths = [i.path for i in spatial_layers(_transfer_model())]
+    paths = [i.path for i in target_layers(_transfer_model())]
     assert paths[-1] == "mobilenetv2_1.00_64/out_relu"
     assert paths.index("mobilenetv2_1.00_64/Conv1") < paths.index("mobilenetv2_1.00_64/out_relu")
 

@@ -13,14 +13,10 @@ from biasscope.cli import app
 from biasscope.model import choose_layer, find_layer, output_head, target_layers, token_grid
 from conftest import make_vit
 
+from test_cams import _maxnorm
 from test_cli import _one_line_error
 
 runner = CliRunner()
-
-
-def _maxnorm(h):
-    m = h.max()
-    return h / m if m > 0 else h
 
 
 def _hub_vit(size=32, patch=8):
