@@ -35,13 +35,15 @@ def _decode(path, channels):
 
 
 def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: int,
-                  start: int = 0) -> tf.data.Dataset:
+                  start: int = 0, stop: int | None = None) -> tf.data.Dataset:
     """Batches of dicts: index, image (B,H,W,C) float32 0..255, mask (B,H,W) bool, has_mask,
-    image_hw and mask_hw (original sizes, for the aspect-ratio check)."""
+    image_hw and mask_hw (original sizes, for the aspect-ratio check), over the rows
+    ``start:stop`` (an engine's chunk; default to the end)."""
     H, W = (int(s) for s in image_size)
+    stop = len(ds) if stop is None else min(int(stop), len(ds))
     if ds.arrays is not None:
-        return _array_pipeline(ds, H, W, channels, batch_size, start)
-    t = ds.table.iloc[start:]
+        return _array_pipeline(ds, H, W, channels, batch_size, start, stop)
+    t = ds.table.iloc[start:stop]
     box = t[["x0", "y0", "x1", "y1"]].to_numpy(dtype="float32")
     src = tf.data.Dataset.from_tensor_slices({
         "index": np.arange(start, start + len(t), dtype=np.int64),
@@ -114,16 +116,16 @@ def _batched(ds, batch_size):
     return ds.batch(batch_size).map(pad, num_parallel_calls=1).prefetch(2).with_options(opts)
 
 
-def _array_pipeline(ds, H, W, channels, batch_size, start):
+def _array_pipeline(ds, H, W, channels, batch_size, start, stop):
     """In-memory images: the same elements as from files, without decoding."""
-    images = ds.arrays["images"][start:]
+    images = ds.arrays["images"][start:stop]
     masks = ds.arrays["masks"]
     n = len(images)
     src = tf.data.Dataset.from_tensor_slices({
         "index": np.arange(start, start + n, dtype=np.int64),
-        "label": ds.table["label_idx"].to_numpy(dtype=np.int32)[start:],
+        "label": ds.table["label_idx"].to_numpy(dtype=np.int32)[start:stop],
         "image": images,
-        "mask": masks[start:] if masks is not None else np.zeros((n, 1, 1), bool),
+        "mask": masks[start:stop] if masks is not None else np.zeros((n, 1, 1), bool),
     })
     has_mask = masks is not None
 
