@@ -11,7 +11,6 @@ import platform
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +169,8 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
          unsafe_model: bool = False, seed: int = 0, chunk_size: int | None = None,
          counterfactuals: bool | None = None, fail_on=(), analysis: bool = True,
          report: bool = True, detector_options: dict | None = None, progress=True,
-         scorecam_channels: int = 32) -> Scan:
+         scorecam_channels: int = 32, engine: str = "local", ray_address: str | None = None,
+         workers: int | None = None, gpus_per_worker: float | None = None) -> Scan:
     """Run Grad-CAM (or another CAM method) over a labelled image set and store the result in ``out``.
 
     Parameters
@@ -207,12 +207,23 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         Run the analysis (clusters, projection, findings) after the Grad-CAM pass (default).
         A finished scan in ``out`` is not recomputed; its analysis is redone with the current
         options.
+    engine : str
+        Who runs the CAM pass: ``local`` (this process, default) or ``ray`` (Ray Data actors,
+        one model each; the ``[ray]`` extra). The stored result is the same; a scan begun on
+        one engine resumes on the other.
+    ray_address : str, optional
+        ``HOST:PORT`` of a running Ray cluster (``ray``; default: the Ray this process is
+        connected to, ``RAY_ADDRESS``, or a local Ray started for the pass and shut down after).
+    workers : int, optional
+        Ray actors (default: one per CPU of the cluster, or per ``gpus_per_worker`` GPUs).
+    gpus_per_worker : float, optional
+        GPUs each Ray actor reserves (default 0).
 
     Returns
     -------
     Scan
     """
-    from .kernel import batch_rows
+    from .engines import PassJob, check_engine_options, open_engine
     from .model import model_fingerprint, output_head
     from .summary import validate_gates
 
@@ -221,6 +232,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise BiasscopeError(f"--out {out} is a file")
     validate_gates(list(fail_on or ()))  # a typo in a gate fails now, not after the scan
+    check_engine_options(engine, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
     if batch_size < 1:
         raise BiasscopeError(f"--batch-size must be >= 1, got {batch_size}")
     from .methods import METHOD_LABELS, check_method
@@ -271,66 +283,34 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             "options": {**options, "seed": seed}, "versions": _versions(),
         }
         from .cams import make_cam
-        from .pipeline import make_pipeline, why_unreadable
+        from .pipeline import why_unreadable
 
-        engine = make_cam(method, kmodel, target, head, batch_size=batch_size, input_shape=(H, W, C),
-                          preprocess=preprocess, **cam_options)
-        engine.trace()  # a method that cannot work on this layer fails before anything is written
-        write_json(out / "meta.json", meta)
+        cam = make_cam(method, kmodel, target, head, batch_size=batch_size, input_shape=(H, W, C),
+                       preprocess=preprocess, **cam_options)
+        cam.trace()  # a method that cannot work on this layer fails before anything is written
         heat_shape = tuple(int(s) for s in target.shape[:2])
-        writer = ChunkWriter(out, n_total=len(ds), chunk_size=chunk_size, heat_shape=heat_shape)
-        start = writer.start_index
         files, mask_files = ds.table["file"].to_numpy(), ds.table["mask_file"].to_numpy()
 
         def reasons(indices):
             return [why_unreadable(files[i], mask_files[i]) for i in indices]
 
         names = np.array([ds.output_names.get(i, f"#{i}") for i in range(head.n_classes)], dtype=object)
-        counts = {"mask_resized": 0, "mask_aspect": 0}
-        aspect_examples: list = []
-        t_pass = time.perf_counter()
-        if start:
-            rep.note(f"resuming at image {start:,} of {len(ds):,} ({writer.next_chunk} chunk(s) already stored)")
-        pipe = make_pipeline(ds, image_size=(H, W), channels=C, batch_size=batch_size, start=start)
-        label_idx_all = ds.table["label_idx"].to_numpy()
-        stage = {"input_wait_s": 0.0, "gradcam_wait_s": 0.0, "postprocess_s": 0.0}
-
-        def postprocess(batch, res):
-            """Metrics, rows and storage for one batch; runs while the next batch is on the model."""
-            t = time.perf_counter()
-            idx = batch["index"].numpy()
-            valid = idx >= 0
-            _check_mask_geometry(batch, valid, idx, counts, aspect_examples, ds)
-            cols, cam_p, cam_t = batch_rows(res, idx, batch["mask"].numpy(), batch["has_mask"].numpy(),
-                                            label_idx_all[idx[valid]])
-            writer.add(cols, cam_p, cam_t, reasons=reasons)
-            stage["postprocess_s"] += time.perf_counter() - t
-            return int(idx[valid][-1]) + 1 if valid.any() else 0
-
-        with rep.task(METHOD_LABELS.get(method, method), total=len(ds)) as task, ThreadPoolExecutor(1) as pool:
-            task.advance(start)
-            done, prev = start, None
-            it = iter(pipe)
-            while True:
-                t = time.perf_counter()
-                batch = next(it, None)
-                stage["input_wait_s"] += time.perf_counter() - t
-                if batch is None:
-                    break
-                running = pool.submit(engine, batch["image"], batch["label"])
-                if prev is not None:
-                    end = postprocess(*prev)
-                    task.advance(end - done)
-                    done = end
-                t = time.perf_counter()
-                prev = (batch, running.result())
-                stage["gradcam_wait_s"] += time.perf_counter() - t
-            if prev is not None:
-                end = postprocess(*prev)
-                task.advance(end - done)
-                done = end
-            writer.close(reasons)
-            task.advance(len(ds) - done)
+        job = PassJob(ds=ds, geometry=(H, W, C), batch_size=batch_size, chunk_size=chunk_size,
+                      method=method, cam_options=cam_options, preprocess=preprocess, layer=target.path,
+                      model_path=model_path, model_sha=model_sha, unsafe_model=unsafe_model)
+        # the engine is not part of the fingerprint: a scan begun on one resumes on the other
+        with open_engine(engine, ray_address=ray_address, workers=workers,
+                         gpus_per_worker=gpus_per_worker, progress=rep) as runner:
+            meta["engine"] = runner.info
+            write_json(out / "meta.json", meta)
+            writer = ChunkWriter(out, n_total=len(ds), chunk_size=chunk_size, heat_shape=heat_shape)
+            start = writer.start_index
+            t_pass = time.perf_counter()
+            if start:
+                rep.note(f"resuming at image {start:,} of {len(ds):,} ({writer.next_chunk} chunk(s) already stored)")
+            with rep.task(runner.label(METHOD_LABELS.get(method, method)), total=len(ds)) as task:
+                task.advance(start)
+                stats = runner.run(job, cam, writer, task, reasons)
         pass_s = time.perf_counter() - t_pass
         table, skipped = writer.assemble(out, ds.table.drop(columns=["file", "mask_file"]))
         table.insert(table.columns.get_loc("pred_idx"), "pred", names[table["pred_idx"].to_numpy()])
@@ -349,15 +329,15 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             rep.note(f"[yellow]skipped {len(skipped) - 5} more undecodable image(s)[/]; all are listed in meta.json")
         warnings = {
             "missing_masks": {"count": len(ds.missing_masks), "examples": ds.missing_masks[:10]},
-            "mask_resized": counts["mask_resized"],
-            "mask_aspect_differs": {"count": counts["mask_aspect"], "examples": aspect_examples[:10]},
+            "mask_resized": stats.mask_resized,
+            "mask_aspect_differs": {"count": stats.mask_aspect, "examples": stats.aspect_examples[:10]},
         }
         if ds.missing_masks:
             rep.note(f"[yellow]warning[/]: {len(ds.missing_masks)} mask file(s) not found "
                      f"(first: {ds.missing_masks[0]}); those rows have no mask metrics")
-        if counts["mask_aspect"]:
-            rep.note(f"[yellow]warning[/]: {counts['mask_aspect']} mask(s) have a different aspect ratio "
-                     f"from their image (first: {aspect_examples[0]}); resized anyway")
+        if stats.mask_aspect:
+            rep.note(f"[yellow]warning[/]: {stats.mask_aspect} mask(s) have a different aspect ratio "
+                     f"from their image (first: {stats.aspect_examples[0]}); resized anyway")
         zero = _zero_heatmaps(table, target.path)
         if zero:
             warnings["heatmaps_all_zero"] = zero
@@ -367,7 +347,10 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             "timings": {"total_s": time.perf_counter() - t0, "gradcam_pass_s": pass_s,
                         "setup_s": t_pass - t0, "assemble_s": time.perf_counter() - t_pass - pass_s,
                         "images_per_s": (len(ds) - start) / pass_s if pass_s > 0 else None,
-                        "resumed_at": start, "traces": engine.concrete_functions, **stage},
+                        "resumed_at": start, "traces": max(cam.concrete_functions, stats.traces),
+                        "input_wait_s": stats.input_wait_s, "gradcam_wait_s": stats.gradcam_wait_s,
+                        "postprocess_s": stats.postprocess_s, **stats.extra},
+            "engine": {**meta["engine"], "chunks_run": stats.chunks_run, **stats.engine},
         })
         write_json(out / "meta.json", meta)
         return _analyse_scan(load(out), **post) if analysis else load(out)
@@ -528,18 +511,3 @@ def _object_embedding(cf, table: pd.DataFrame) -> np.ndarray | None:
     out[row.loc[idx[keep]].to_numpy()] = emb["features"][keep]
     return out
 
-
-def _check_mask_geometry(batch, valid, idx, counts, examples, ds) -> None:
-    """Masks are resized to the image geometry; count them and warn when the aspect differs."""
-    has_file = ds.table["mask_file"].to_numpy()[idx[valid]] != ""
-    if not has_file.any():
-        return
-    ihw = batch["image_hw"].numpy()[valid][has_file].astype(np.float64)
-    mhw = batch["mask_hw"].numpy()[valid][has_file].astype(np.float64)
-    resized = np.any(ihw != mhw, axis=1)
-    counts["mask_resized"] += int(resized.sum())
-    aspect = np.abs(ihw[:, 0] / ihw[:, 1] - mhw[:, 0] / mhw[:, 1]) > 0.01 * ihw[:, 0] / ihw[:, 1]
-    if aspect.any():
-        counts["mask_aspect"] += int(aspect.sum())
-        paths = ds.table["path"].to_numpy()[idx[valid]][has_file][aspect]
-        examples.extend(paths[: max(0, 10 - len(examples))].tolist())

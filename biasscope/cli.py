@@ -28,6 +28,7 @@ err_console = Console(stderr=True)
 
 
 Method = Enum("Method", {name: name for name in METHOD_NAMES}, type=str)  # type: ignore[misc]
+Engine = Enum("Engine", {name: name for name in ("local", "ray")}, type=str)  # type: ignore[misc]
 
 
 # shared option declarations (defined once, used by several commands)
@@ -69,6 +70,10 @@ def scan(
                                                    help="Background-swap tests (default: on when masks exist).", show_default=False),
     report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html."),
     fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", help="Exit 1 when this gate trips: a finding kind, severity>=X, or a summary figure like worst_group_acc<0.8. Repeatable.", show_default=False),
+    engine: Engine = typer.Option(Engine["local"], "--engine", help="Who runs the CAM pass: local (this process) or ray (Ray Data actors; pip install 'biasscope[ray]'). Same result either way."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster (--engine ray; default: RAY_ADDRESS or a local Ray).", show_default=False),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray actors, one model each (default: one per CPU of the cluster).", show_default=False),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs each Ray actor reserves (default 0).", show_default=False),
 ) -> None:
     """Run Grad-CAM (or another CAM method) over DATA with MODEL, analyse the heatmaps and report findings."""
     from .api import scan as run_scan
@@ -78,7 +83,9 @@ def scan(
                           batch_size=batch_size, image_size=image_size, preprocess=preprocess,
                           class_map=class_map, limit=limit, resume=resume, overwrite=overwrite,
                           unsafe_model=unsafe_model, seed=seed, counterfactuals=counterfactuals,
-                          fail_on=fail_on or (), report=report, scorecam_channels=scorecam_channels)
+                          fail_on=fail_on or (), report=report, scorecam_channels=scorecam_channels,
+                          engine=engine.value, ray_address=ray_address, workers=workers,
+                          gpus_per_worker=gpus_per_worker)
     except BiasscopeError as exc:
         _fail(exc)
     except ScanInterrupted as exc:
