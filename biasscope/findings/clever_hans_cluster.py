@@ -88,11 +88,12 @@ class CleverHansCluster(Detector):
             hot, rest_mass = cl.get("hot_area"), cl.get("rest_mass_in_hot")
             jitter = cl.get("centroid_jitter")
             on_object = has_masks and m_if >= o["off_object_inside"]
-            one_spot = None not in (hot, rest_mass, jitter) and hot <= o["cluster_hot_area"] \
+            # (a cluster that is all of the class's predictions has no rest: rest_mass None)
+            one_spot = None not in (hot, jitter) and hot <= o["cluster_hot_area"] \
                 and jitter <= o["cluster_jitter"] and not on_object
             if one_spot and causal:
                 reasons.append("fixed_location")
-            elif one_spot and rest_mass <= o["cluster_rest_mass"]:
+            elif one_spot and rest_mass is not None and rest_mass <= o["cluster_rest_mass"]:
                 strength = max(strength, min(1.0, (0.5 - rest_mass) / 0.5))
                 reasons.append("fixed_location")
             elif one_spot and has_masks:

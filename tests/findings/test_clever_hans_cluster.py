@@ -109,3 +109,22 @@ def test_severity_grows_with_the_share_of_the_class(make_table):
            .findings[0].severity for s in (6, 15, 25, 40)]
     # strength (0.5 - 0.05) / 0.5 = 0.9, weight 0.5 + 0.5 * min(1, share / 0.25)
     np.testing.assert_allclose(sev, [0.9 * (0.5 + 0.5 * s / 25) for s in (6, 15, 25)] + [0.9])
+
+
+def test_a_causal_spot_that_is_all_of_the_classs_predictions_is_at_a_fixed_location(make_table):
+    """One cluster holding every prediction of the class (no rest to compare with, so no
+    ``rest_mass_in_hot``), at one spot, confirmed by occlusion: the reason names the spot."""
+    t = make_table(["a"], np.zeros(100, int))
+    an = {"clusters": [{"id": 0, "class": "a", "size": 100, "n_with_mask": 0, "mean_inside_frac": None,
+                        "rest_mean_inside_frac": None, "hot_area": 0.05, "centroid_jitter": 0.01,
+                        "rest_mass_in_hot": None, "centroid": {"x": 0.9, "y": 0.1},
+                        "examples": ["a/1.png"]}]}
+    occ = {"clusters": {"0": {"n": 100, "changed_rate": 0.9, "changed_ci": [0.82, 0.95],
+                              "control_changed_rate": 0.05, "n_wrong": 20, "n_repaired": 16,
+                              "repaired_share": 0.8}}}
+    res = run_detector(Context(table=t, analysis=an, occlusion=occ), "clever_hans_cluster")
+    assert res.findings and res.findings[0].evidence["reasons"] == ["occlusion", "fixed_location"]
+    # a spread-out one (not at one spot) keeps only the occlusion reason
+    an["clusters"][0]["centroid_jitter"] = 0.2
+    res = run_detector(Context(table=t, analysis=an, occlusion=occ), "clever_hans_cluster")
+    assert res.findings[0].evidence["reasons"] == ["occlusion"]
