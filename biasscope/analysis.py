@@ -41,12 +41,14 @@ ANALYSIS_VERSION = 1
 #: Above ``_TSNE_PCA_ABOVE`` images t-SNE runs on PCA-reduced (30-D) vectors; above
 #: ``_TSNE_FIT_MAX`` it is fitted on a random subsample of that many images and the rest are
 #: placed among their nearest fitted neighbours. Single-threaded Barnes-Hut t-SNE (500
-#: iterations) takes about 9 s for 5,000 points and 22 s for 10,000 on the 2-core development
-#: machine: the subsample keeps the 10,000-image analysis at about 11 s, well inside its
-#: one-minute budget (DESIGN section 8), and bounds it for any N; the map loses little, as the
-#: placed points land inside the structure the fit found.
+#: iterations) takes about 3 s for 1,500 points, 9 s for 5,000 and 22 s for 10,000 on the
+#: 2-core development machine: the map is a picture of the clusters for the report (the
+#: clusters themselves are computed apart, on each class's maps), and 1,500 fitted points draw
+#: every cluster of 1% of the images with 15 of them, so the fit is capped there: a fixed cost
+#: of about 3 s at any N (the whole job at scale is budgeted at a few times the CAM pass,
+#: DESIGN section 11). The placed points land inside the structure the fit found.
 _TSNE_PCA_ABOVE = 3000
-_TSNE_FIT_MAX = 5000
+_TSNE_FIT_MAX = 1500
 _PCA_DIMS = 30
 
 #: Classes up to this size get a dense eigendecomposition (exact, a fraction of a second);
@@ -273,7 +275,8 @@ def _fallback_kmeans(X, max_clusters: int, seed: int) -> tuple[np.ndarray, int]:
 #: A class with more images than this is clustered on a seeded sample of this many, and the
 #: rest join the cluster of most of their nearest sampled neighbours: the kNN graph costs
 #: O(n^2 D), 29 s for 4 classes of 25,000 images on 2 cores, and would grow 100-fold at 1M.
-CLUSTER_FIT_MAX = 5000
+#: 2,000 fitted maps still give a strategy used by 2% of a class 40 members in the fit.
+CLUSTER_FIT_MAX = 2000
 
 
 def cluster_class(X, *, n_neighbors: int = 10, max_clusters: int = 8, seed: int = 0,
@@ -283,13 +286,13 @@ def cluster_class(X, *, n_neighbors: int = 10, max_clusters: int = 8, seed: int 
     their nearest fitted neighbours (as many as the graph's k)."""
     n = len(X)
     if n <= max_fit:
-        out = _cluster_fit(X, n_neighbors=n_neighbors, max_clusters=max_clusters, seed=seed)
+        out = _cluster_distinct(X, n_neighbors=n_neighbors, max_clusters=max_clusters, seed=seed)
         out["n_fit"] = n
         return out
     from sklearn.neighbors import NearestNeighbors
 
     fit = np.sort(np.random.default_rng([int(seed), 7]).choice(n, int(max_fit), replace=False))
-    out = _cluster_fit(X[fit], n_neighbors=n_neighbors, max_clusters=max_clusters, seed=seed)
+    out = _cluster_distinct(X[fit], n_neighbors=n_neighbors, max_clusters=max_clusters, seed=seed)
     labels = np.empty(n, np.int64)
     labels[fit] = out["labels"]
     rest = np.setdiff1d(np.arange(n), fit)
@@ -302,6 +305,26 @@ def cluster_class(X, *, n_neighbors: int = 10, max_clusters: int = 8, seed: int 
         np.add.at(votes, (np.repeat(np.arange(len(part)), nb.shape[1]), out["labels"][nb].ravel()), 1)
         labels[part] = votes.argmax(axis=1)
     out.update(labels=labels, n_fit=int(max_fit))
+    return out
+
+
+def _cluster_distinct(X, **kw) -> dict:
+    """:func:`_cluster_fit` on the distinct maps of ``X``; copies of one map (the same image
+    listed twice, or images the model sees alike) join their original's cluster. Exact copies
+    would otherwise form cliques of their own in the kNN graph -- as many connected components
+    as there are repeated images -- and leave no eigengap to read."""
+    X = np.asarray(X, dtype=np.float64)
+    if len(X) < 4:
+        return _cluster_fit(X, **kw)
+    uniq, first, inverse = np.unique(X, axis=0, return_index=True, return_inverse=True)
+    if len(uniq) == len(X):
+        return _cluster_fit(X, **kw)
+    keep = np.sort(first)  # the distinct maps in their original order (a seed-stable fit)
+    pos = np.empty(len(uniq), np.int64)
+    pos[np.argsort(first)] = np.arange(len(uniq))
+    out = _cluster_fit(X[keep], **kw)
+    out["labels"] = np.asarray(out["labels"])[pos[np.ravel(inverse)]]
+    out["n_distinct"] = int(len(uniq))
     return out
 
 

@@ -165,9 +165,11 @@ def test_tiny_class_is_a_single_cluster(n):
 
 
 def test_degenerate_graph_falls_back_to_kmeans():
-    # Ten distinct maps, three exact copies each, two neighbours: ten components > max_clusters.
+    # Ten distinct maps, three near-copies each (exact copies are clustered once), two
+    # neighbours: ten components > max_clusters.
     maps = [blob(y, x, 0.6) for y in (1, 3, 5) for x in (1, 3, 5)] + [blob(6, 0, 0.6)]
     X = np.repeat(np.stack(maps), 3, axis=0)
+    X = X * (1 + 1e-4 * np.random.default_rng(0).random(X.shape))
     t = table(["z"] * len(X))
     cols, an = analyse(t, X, n_neighbors=2, max_clusters=8, projection="none")
     info = an["classes"]["z"]["clustering"]
@@ -327,3 +329,17 @@ def test_large_class_is_clustered_on_a_sample_and_the_rest_join_their_neighbours
     for labels in (capped["labels"], full["labels"]):
         pairs = set(zip(truth.tolist(), labels.tolist()))
         assert len(pairs) == 3 and len({p[1] for p in pairs}) == 3
+
+
+def test_copies_of_a_map_join_their_originals_cluster():
+    """A class whose images are listed several times (or that holds exact copies) is clustered
+    as its distinct maps: the copies do not break the kNN graph into one clique per image."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 16))
+    a[:30] += 4
+    once = A.cluster_class(a, seed=0)
+    five = A.cluster_class(np.concatenate([a] * 5), seed=0)
+    assert once["k"] == five["k"] == 2 and five["method"] == "spectral"
+    assert five["n_distinct"] == 60
+    for k in range(5):
+        np.testing.assert_array_equal(five["labels"][60 * k:60 * (k + 1)], once["labels"])
