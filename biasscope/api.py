@@ -425,9 +425,14 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
 
         t = time.perf_counter()
         H, W, C = geometry
+        # the scan's own predictions: the originals are not run again, and the mistakes among
+        # them get an Only-BG image whether sampled or not
+        predictions = np.full(len(ds), -1, np.int64)
+        predictions[table["index"].to_numpy(np.int64)] = table["pred_idx"].to_numpy(np.int64)
         cf = run_counterfactuals(model, ds, image_size=(H, W), channels=C, batch_size=batch_size,
                                  preprocess=preprocess, seed=seed, target=target,
-                                 mixed_per_class=sample_size_for(0.03), progress=rep)
+                                 mixed_per_class=sample_size_for(0.03), predictions=predictions,
+                                 progress=rep)
         timings["counterfactuals_s"] = time.perf_counter() - t
     object_embedding = _object_embedding(cf, table)
     occlusion = _occlusion(model, ds, table, info, geometry=geometry, batch_size=batch_size,

@@ -50,6 +50,8 @@ def _per_image(cf: dict) -> dict | None:
     n = len(pi["index"])
     out = {k: np.asarray(pi[k], np.int64) for k in ("index", "label_idx", "orig_pred", "only_bg_pred")}
     out["only_fg_pred"] = np.asarray(pi.get("only_fg_pred", [-1] * n), np.int64)
+    # the stratified sample (Only-BG on all of it; outside it only on the mistakes, -1 elsewhere)
+    out["in_sample"] = np.asarray(pi.get("in_sample", [True] * n), bool)
     if pi.get("mixed_pred_all") is not None:
         out["mixed"] = np.asarray(pi["mixed_pred_all"], np.int64).reshape(n, -1)
         out["src"] = np.asarray(pi["bg_source_index_all"], np.int64).reshape(n, -1)
@@ -133,10 +135,14 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
             if k or orig:
                 victims[c_name] = {"n_draws_to_class": k, "n_draws_featured": m,
                                    "n_victims_original": orig}
-        # originals: other-class images predicted S with and without their own background read as S
+        # originals: other-class images predicted S with and without their own background read as
+        # S (rates on the sample, where every image has an Only-BG prediction; the victims below
+        # are mistakes, and every mistake has one)
         own_feat = other & (ob == s)
-        orig_in = float(np.mean(pi["orig_pred"][own_feat] == s)) if own_feat.any() else None
-        orig_out = float(np.mean(pi["orig_pred"][other & ~own_feat] == s)) if (other & ~own_feat).any() else None
+        smp = other & pi["in_sample"] & (ob >= 0)
+        feat_s, plain_s = smp & (ob == s), smp & (ob != s)
+        orig_in = float(np.mean(pi["orig_pred"][feat_s] == s)) if feat_s.any() else None
+        orig_out = float(np.mean(pi["orig_pred"][plain_s] == s)) if plain_s.any() else None
         per_value = {}
         for attr, v_src in attr_values.items():
             rows = {}
@@ -166,7 +172,7 @@ def attractor_stats(cf: dict | None, class_index: dict, *, attributes: dict | No
             "attraction_ci": interval(b_in - b_out) if b_in is not None and b_out is not None else None,
             "fg_rate": fg_rate,
             "orig_rate_featured": orig_in, "orig_rate_plain": orig_out,
-            "n_other_featured": int(own_feat.sum()), "n_other": int(other.sum()),
+            "n_other_featured": int(feat_s.sum()), "n_other": int(smp.sum()),
             "n_victims_original": int(vrows.size),
             "victims": victims,
             "per_attribute": per_value,
@@ -202,7 +208,7 @@ def explained_by_attractor(cf: dict | None, attractor_classes: dict, *, own=()) 
         images[int(pi["index"][k])] = by_idx[int(orig[k])]
     for name in own:
         s = int(attractor_classes[name])
-        for k in np.flatnonzero((label == s) & (orig != s) & (ob != s)):
+        for k in np.flatnonzero((label == s) & (orig != s) & (ob >= 0) & (ob != s)):
             images.setdefault(int(pi["index"][k]), name)
     src = index_positions(pi["index"], pi["src"])
     ok = (pi["mixed"] >= 0) & (src >= 0)

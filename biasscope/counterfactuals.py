@@ -130,32 +130,40 @@ def _dilate(mask, pixels: int):
 
 def _push_pull(num0, den0, H: int, W: int, coarse_to: int):
     """Normalised convolution over an area-downsampled pyramid, blended from the coarsest level
-    to the finest: ``blur(img * keep) / blur(keep)`` everywhere, holes included.
+    to the finest: ``blur(img * keep) / blur(keep)`` on every level, holes included.
 
-    Returns the blend down to level ``coarse_to`` (a field smooth at ~``2**coarse_to`` px) and
-    the blend down to level 0 (the fill colour).
+    Push: each level is the previous one area-downsampled by 2. Pull: from the coarsest level
+    (about the mean background) down, each level's estimate is blended with the bilinear
+    upsampling of the coarser blend, at that level's own resolution (so the cost is about 4/3
+    of one full-resolution blur). Returns the blend at level ``coarse_to`` upsampled to (H, W)
+    (a field smooth at ~``2**coarse_to`` px) and the blend at level 0 (the fill colour).
     """
     k1d = tf.constant(_gaussian_1d(_FILL_SIGMA))
     n_levels = max(1, int(math.ceil(math.log2(max(H, W)))) + 1)
-    out = tf.fill(tf.shape(num0), 127.5)  # only where the whole image is object
-    smooth = out
-    for level in reversed(range(n_levels)):
-        f = 2 ** level
-        size = (max(1, -(-H // f)), max(1, -(-W // f)))
-        if level:
-            num = tf.image.resize(num0, size, method="area")
-            den = tf.image.resize(den0, size, method="area")
+    sizes = [(max(1, -(-H // 2 ** lv)), max(1, -(-W // 2 ** lv))) for lv in range(n_levels)]
+    # numerator and weight as one tensor: one resize and one blur per level
+    c = int(num0.shape[-1])
+    levels = [tf.concat([num0, den0], axis=-1)]
+    for size in sizes[1:]:
+        prev = levels[-1]
+        if prev.shape[1] == 2 * size[0] and prev.shape[2] == 2 * size[1]:
+            levels.append(tf.nn.avg_pool2d(prev, 2, 2, "VALID"))  # = area resize, faster
         else:
-            num, den = num0, den0
-        num, den = _blur(num, k1d), _blur(den, k1d)
-        if level:
-            num = tf.image.resize(num, (H, W), method="bilinear")
-            den = tf.image.resize(den, (H, W), method="bilinear")
+            levels.append(tf.image.resize(prev, size, method="area"))
+    out = None
+    smooth = None
+    for level in reversed(range(n_levels)):
+        nd = _blur(levels[level], k1d)
+        num, den = nd[..., :c], nd[..., c:]
         est = num / tf.maximum(den, 1e-6)
         trust = tf.clip_by_value(den / _FILL_TRUST, 0.0, 1.0)
-        out = trust * est + (1.0 - trust) * out
+        coarser = (tf.fill(tf.shape(est), 127.5) if out is None  # only where all is object
+                   else tf.image.resize(out, sizes[level], method="bilinear"))
+        out = trust * est + (1.0 - trust) * coarser
         if level == min(coarse_to, n_levels - 1):
             smooth = out
+    if smooth is not out:
+        smooth = tf.image.resize(smooth, (H, W), method="bilinear")
     return smooth, out
 
 
@@ -166,6 +174,13 @@ def _shifts(H: int, W: int) -> list:
     cand = {(dy, dx) for dy in ys for dx in xs}
     cand.discard((0, 0))
     return sorted(cand, key=lambda d: (d[0] ** 2 + d[1] ** 2, d))
+
+
+def _shift_sources(H: int, W: int) -> np.ndarray:
+    """For each shift of :func:`_shifts` (rows) the flat index of the pixel each pixel copies
+    from, as ``tf.roll(x, (dy, dx))`` would (wrapping round). Shape (S, H*W), int32."""
+    y, x = np.mgrid[:H, :W]
+    return np.stack([(((y - dy) % H) * W + (x - dx) % W).ravel() for dy, dx in _shifts(H, W)]).astype(np.int32)
 
 
 def fill_background(images, masks, *, dilate: int = 2):
@@ -201,13 +216,16 @@ def fill_background(images, masks, *, dilate: int = 2):
     num0 = images * keep
     smooth, colour = _push_pull(num0, keep, H, W, coarse_to=_DETAIL_LEVEL)
     detail = (images - smooth) * keep
-    fill = colour
-    todo = hole[..., None]
-    for dy, dx in _shifts(H, W):
-        src_keep = tf.roll(keep, (dy, dx), axis=(1, 2)) > 0.5
-        take = todo & src_keep
-        fill = tf.where(take, smooth + tf.roll(detail, (dy, dx), axis=(1, 2)), fill)
-        todo = todo & ~take
+    # texture: per hole pixel, the first shift whose source pixel is background (one gather of
+    # the shifted masks and one of the detail, rather than a roll per shift)
+    src = tf.constant(_shift_sources(H, W))  # (S, H*W) flat source pixel per shift
+    C = int(images.shape[-1])
+    keep_src = tf.gather(tf.reshape(keep, (-1, H * W)), src, axis=1) > 0.5  # (B, S, H*W)
+    first = tf.argmax(tf.cast(keep_src, tf.int32), axis=1, output_type=tf.int32)  # (B, H*W)
+    found = tf.reduce_any(keep_src, axis=1)
+    pix = tf.gather(tf.reshape(src, (-1,)), first * (H * W) + tf.range(H * W)[None, :])
+    det = tf.gather(tf.reshape(detail, (-1, H * W, C)), pix, batch_dims=1)
+    fill = tf.where(tf.reshape(found, (-1, H, W, 1)), smooth + tf.reshape(det, (-1, H, W, C)), colour)
     fill = tf.clip_by_value(fill, 0.0, 255.0)
     return tf.where(hole[..., None], fill, images)
 
@@ -270,8 +288,8 @@ def _ci_diff(a, b, n_boot: int, rng) -> list | None:
     return None if sa is None or sb is None else _interval(sa - sb)
 
 
-def _class_stats(ci: int, label, orig, only_bg, only_fg, mixed, src_label, tier, *, seed, n_boot,
-                 chance):
+def _class_stats(ci: int, label, orig, only_bg, only_fg, mixed, src_label, tier, in_sample, *,
+                 seed, n_boot, chance):
     """The figures of one class (output index ``ci``).
 
     ``label``, ``orig``, ``only_bg``, ``only_fg`` have shape (n,) over the processed images;
@@ -293,8 +311,10 @@ def _class_stats(ci: int, label, orig, only_bg, only_fg, mixed, src_label, tier,
     hit = mixed == ci
     ones = np.ones(int(mine.sum()))
     # Only-BG: one per image; the base rate is how often other classes' backgrounds are read as c
-    ob = (only_bg[mine] == ci).astype(float)
-    ob_other = (only_bg[~mine] == ci).astype(float)
+    # (on the stratified sample: every image of it has an Only-BG image; outside it only the
+    # mistakes have one, which would bias the rates)
+    ob = (only_bg[mine & in_sample] == ci).astype(float)
+    ob_other = (only_bg[~mine & in_sample] == ci).astype(float)
     fg = (only_fg[mine] == ci).astype(float)
     # BG-gap: per image, original correct minus the share of its Mixed-Rand draws correct
     k = good[mine].sum(axis=1)
@@ -311,16 +331,18 @@ def _class_stats(ci: int, label, orig, only_bg, only_fg, mixed, src_label, tier,
     # flips: c's correctly classified images whose Mixed-Rand version is not c
     ok = (orig[mine] == ci) & paired
     fl = ((good[mine][ok] & ~hit[mine][ok]).sum(axis=1), good[mine][ok].sum(axis=1))
-    only_bg_rate, only_bg_base = ratio(ob, ones), ratio(ob_other, np.ones_like(ob_other))
+    ob_ones = np.ones_like(ob)
+    only_bg_rate, only_bg_base = ratio(ob, ob_ones), ratio(ob_other, np.ones_like(ob_other))
     transplant_rate, transplant_base = ratio(*tr), ratio(*tr_base)
     return {
         "n": int(mine.sum()),
         "chance": chance,
         "only_bg_rate": only_bg_rate,
-        "only_bg_ci": _ci(ob, ones, n_boot, rng(0)),
+        "n_only_bg": int(ob.size),
+        "only_bg_ci": _ci(ob, ob_ones, n_boot, rng(0)),
         "only_bg_base": only_bg_base,
         "only_bg_excess": diff(only_bg_rate, only_bg_base),
-        "only_bg_excess_ci": _ci_diff((ob, ones), (ob_other, np.ones_like(ob_other)), n_boot,
+        "only_bg_excess_ci": _ci_diff((ob, ob_ones), (ob_other, np.ones_like(ob_other)), n_boot,
                                       rng(4)),
         "only_fg_acc": ratio(fg, ones),
         "only_fg_ci": _ci(fg, ones, n_boot, rng(6)),
@@ -369,8 +391,9 @@ def stratified_sample(table, rows: np.ndarray, per_class: int | None, attributes
     sub = table.iloc[rows]
     labels = sub["label_idx"].to_numpy()
     attrs = [a for a in (attributes or []) if a in sub.columns]
-    groups = (sub[attrs].astype(str).agg("|".join, axis=1).to_numpy() if attrs
-              else np.zeros(len(rows), dtype=object))
+    # one group id per attribute combination (a groupby, not a string join per row)
+    groups = (sub.groupby(attrs, sort=True, dropna=False).ngroup().to_numpy() if attrs
+              else np.zeros(len(rows), np.int64))
     for c in np.unique(labels):
         mine = np.flatnonzero(labels == c)
         if len(mine) <= per_class:
@@ -415,7 +438,8 @@ def _classifier(model):
 def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_size: int,
                         preprocess="none", seed: int = 0, n_boot: int = 1000, draws: int = 4,
                         pairing: str = "background", dilate: int = 2, target=None,
-                        mixed_per_class: int | None = None, progress=True) -> dict:
+                        mixed_per_class: int | None = None, predictions=None,
+                        progress=True) -> dict:
     """Only-BG / Mixed-Rand background tests over the images of ``ds`` that have a mask.
 
     Parameters
@@ -436,10 +460,12 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     n_boot : int
         Bootstrap resamples per CI.
     draws : int
-        Mixed-Rand backgrounds per object. Each costs one forward pass per batch (originals
-        and Only-BG cost two); averaging over several backgrounds per object takes the noise of
-        the background draw out of the BG-gap (on the 800-image benchmark, 1 draw gives a CI
-        half-width of about 0.08, 4 draws about 0.06).
+        Most Mixed-Rand backgrounds per object. Each costs one forward pass per batch;
+        averaging over several backgrounds per object takes the noise of the background draw
+        out of the BG-gap (on the 800-image benchmark, 1 draw gives a CI half-width of about
+        0.08, 4 draws about 0.06). With ``mixed_per_class``, a class gets
+        ``ceil(mixed_per_class / sampled objects)`` draws per object, 1..``draws``: about
+        ``mixed_per_class`` draws per class, so a class sampled in full (a large one) gets 1.
     pairing : {"background", "class"}
         See the module docstring.
     dilate : int
@@ -450,16 +476,23 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     mixed_per_class : int, optional
         Mixed-Rand (and so transplant) draws on a stratified sample of this many objects per
         class (:func:`stratified_sample`; every object of a smaller class); ``None``: every
-        object. Only-BG and Only-FG always cover every image (the attractors, the root-cause
-        explanations and ``label_issue`` read them per image). The scan passes
+        object. The Only-BG rates are taken on the same sample. The scan passes
         :func:`sample_size_for` (1,068: a CI half-width of about 0.03).
+    predictions : int array (len(ds),), optional
+        The model's prediction (output index) for every image, as the scan stored it (-1
+        where unknown). Given, the originals are not run again, and Only-BG images are made
+        for the sample and for the mistakes only (the root-cause explanations and
+        ``label_issue`` read the Only-BG prediction of every mistake); Only-FG covers every
+        image (``label_issue`` compares every object's embedding). Without, the originals are
+        predicted here and every image gets an Only-BG image.
 
     Returns
     -------
     dict (JSON-serialisable)
         ``classes`` {name: figures}, ``n_images``, ``n_with_mask``, ``n_skipped``, ``seed``,
         ``n_boot``, ``method``, ``per_image`` (``index``, ``path``, ``label_idx``,
-        ``orig_pred``, ``only_bg_pred``, ``only_fg_pred``; ``mixed_pred``, ``bg_source_index``
+        ``orig_pred``, ``only_bg_pred`` (-1 where no Only-BG image was made), ``only_fg_pred``,
+        ``in_sample`` (the stratified sample); ``mixed_pred``, ``bg_source_index``
         and ``pair_tier`` of the first draw; ``mixed_pred_all``, ``bg_source_index_all``, ``pair_tier_all`` of
         every draw, shape (n, draws)), ``elapsed_s``; or ``{"skipped": "no masks"}`` when no
         image has a mask. With a ``target``, also ``object_embedding``: ``{"index": (n,),
@@ -483,12 +516,32 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     rows = np.flatnonzero(_rows_with_masks(ds))
     if rows.size == 0:
         return {"skipped": "no masks"}
+    if predictions is not None:
+        predictions = np.asarray(predictions, np.int64)
+        if predictions.shape != (len(ds),):
+            raise BiasscopeError(f"predictions must have one entry per image ({len(ds)}), "
+                                 f"got shape {predictions.shape}")
     # Shuffled rows: every batch mixes classes, so backgrounds of other classes are at hand.
     perm = np.random.default_rng([int(seed), 0]).permutation(rows.size)
     sampled = stratified_sample(ds.table, rows, mixed_per_class, ds.attributes, seed)[perm]
-    # the Mixed-Rand sample first, the rest after: batches past the sample skip the draws
-    order = np.concatenate([rows[perm][sampled], rows[perm][~sampled]])
-    n_draw_rows = int(sampled.sum())
+    shuffled = rows[perm]
+    if predictions is None:
+        bg_rows = np.ones(rows.size, bool)  # originals unknown: Only-BG everywhere
+    else:  # Only-BG on the sample and on every mistake (the explanations read those)
+        labels_all = ds.table["label_idx"].to_numpy(np.int64)
+        bg_rows = sampled | ((predictions[shuffled] >= 0) & (predictions[shuffled] != labels_all[shuffled]))
+    # the Mixed-Rand sample first, then the other rows that get an Only-BG image, then the rest:
+    # batches past the sample skip the draws, batches past the Only-BG rows skip the fill
+    groups = (sampled, bg_rows & ~sampled, ~bg_rows)
+    order = np.concatenate([shuffled[g] for g in groups])
+    n_draw_rows, n_bg_rows = int(sampled.sum()), int(bg_rows.sum())
+    # draws per object: enough for about ``mixed_per_class`` draws per class, 1..draws
+    lab_sorted = ds.table["label_idx"].to_numpy(np.int64)[order[:n_draw_rows]]
+    per_class_n = np.bincount(lab_sorted, minlength=1) if n_draw_rows else np.zeros(1, np.int64)
+    if mixed_per_class is None:
+        draws_for = np.full(len(per_class_n), R)
+    else:
+        draws_for = np.clip(-(-int(mixed_per_class) // np.maximum(per_class_n, 1)), 1, R)
     sub = dataclasses.replace(
         ds, table=ds.table.iloc[order].reset_index(drop=True),
         arrays=None if ds.arrays is None else {
@@ -505,22 +558,28 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     mask_spec = tf.TensorSpec((B, H, W), tf.bool)
 
     pre = resolve_preprocess(preprocess)
+    with_orig = predictions is None
 
     def only_fg_pass(images, masks):
         fg = only_foreground(images, masks)
+        p_orig = predict(images) if with_orig else tf.zeros((B,), tf.int32)
         if target is None:
-            return predict(fg), tf.zeros((B, 0), tf.float32)
+            return predict(fg), tf.zeros((B, 0), tf.float32), p_orig
         # The model is called directly (not through the compiled `forward`, whose graph may be
         # traced already) so that the wrapped target layer is part of this graph.
         with Capture(target, head) as cap:
             out = model(pre(fg), training=False)
-        return classify(out), tf.reduce_mean(tf.cast(cap.activations, tf.float32), axis=(1, 2))
+        return classify(out), tf.reduce_mean(tf.cast(cap.activations, tf.float32), axis=(1, 2)), p_orig
 
     @tf.function(input_signature=[img_spec, mask_spec])
-    def originals_and_only_bg(images, masks):
+    def with_only_bg(images, masks):
         only_bg = fill_background(images, masks, dilate=dilate)
-        p_fg, emb = only_fg_pass(images, masks)
-        return only_bg, predict(images), predict(only_bg), p_fg, emb
+        p_fg, emb, p_orig = only_fg_pass(images, masks)
+        return only_bg, p_orig, predict(only_bg), p_fg, emb
+
+    @tf.function(input_signature=[img_spec, mask_spec])
+    def without_only_bg(images, masks):
+        return only_fg_pass(images, masks)
 
     @tf.function(input_signature=[img_spec, mask_spec, img_spec, tf.TensorSpec((B,), tf.int32)])
     def mixed_rand(images, masks, only_bg, source):
@@ -530,26 +589,35 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     parts = {k: [] for k in ("pos", "label", "orig", "only_bg", "only_fg", "emb", "mixed", "src",
                              "tier")}
     pair_rng = np.random.default_rng([int(seed), 1])
+    pred_sorted = None if predictions is None else predictions[order]
     with as_reporter(progress).task("counterfactuals", total=int(rows.size)) as task:
         for batch in pipe:
             pos = batch["index"].numpy()
             images, mask, labels = batch["image"], batch["mask"], batch["label"].numpy()
             valid = (pos >= 0) & batch["has_mask"].numpy() & mask.numpy().any(axis=(1, 2))
-            only_bg, p_orig, p_bg, p_fg, emb = originals_and_only_bg(images, mask)
-            p_bg = p_bg.numpy()
+            has_bg = valid & (pos < n_bg_rows)
+            if has_bg.any():
+                only_bg, p_orig, p_bg, p_fg, emb = with_only_bg(images, mask)
+                p_bg = np.where(has_bg, p_bg.numpy(), -1)
+            else:
+                p_fg, emb, p_orig = without_only_bg(images, mask)
+                only_bg, p_bg = None, np.full(B, -1, np.int64)
+            p_orig = p_orig.numpy() if with_orig else pred_sorted[np.maximum(pos, 0)]
             mixed, src, tier = [], [], []
             draw = valid & (pos < n_draw_rows)  # rows past the Mixed-Rand sample get no draws
-            for _ in range(R):
+            n_draws = draws_for[np.minimum(labels, len(draws_for) - 1)]
+            for j in range(R):
                 s, t = _pair(labels, p_bg, draw, pair_rng, pairing)
-                # no pair in the batch (it lies past the sample): no forward pass
+                s, t = np.where(n_draws > j, s, -1), np.where(n_draws > j, t, -1)
+                # no pair in the batch (past the sample, or no more draws): no forward pass
                 p = mixed_rand(images, mask, only_bg, np.maximum(s, 0)).numpy() if (s >= 0).any() else s
                 mixed.append(np.where(s >= 0, p, -1))
                 # sources as positions in the shuffled order (-1: none)
                 src.append(np.where(s >= 0, pos[np.maximum(s, 0)], -1))
-                tier.append(t)
+                tier.append(t.astype(np.int8))
             parts["pos"].append(pos[valid])
             parts["label"].append(labels[valid])
-            parts["orig"].append(p_orig.numpy()[valid])
+            parts["orig"].append(p_orig[valid])
             parts["only_bg"].append(p_bg[valid])
             parts["only_fg"].append(p_fg.numpy()[valid])
             parts["emb"].append(emb.numpy()[valid])
@@ -569,6 +637,7 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     index = index[srt]
     label, orig, only_bg, only_fg, mixed, tier, emb = (
         cat[k][srt] for k in ("label", "orig", "only_bg", "only_fg", "mixed", "tier", "emb"))
+    in_sample = shuffled_pos[srt] < n_draw_rows  # the stratified sample: Only-BG and draws
     src_shuffled = cat["src"][srt]
     src = np.where(src_shuffled >= 0, order[np.maximum(src_shuffled, 0)], -1)
     label_by_pos = np.full(max(len(order), 1), -1, dtype=np.int64)
@@ -577,7 +646,7 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
 
     chance = 1.0 / max(n_classes, 1)
     classes = {c: _class_stats(int(ds.class_index[c]), label, orig, only_bg, only_fg, mixed,
-                               src_label, tier, seed=seed, n_boot=int(n_boot), chance=chance)
+                               src_label, tier, in_sample, seed=seed, n_boot=int(n_boot), chance=chance)
                for c in ds.classes}
     paths = ds.table["path"].astype(str).to_numpy()
     tiers = {"2": ("another class, background not read as the object's class"
@@ -616,15 +685,23 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
                 "n_objects": int((mixed[:, 0] >= 0).sum()) if len(mixed) else 0,
                 "n_objects_by_class": {c: int(((label == ds.class_index[c]) & (mixed[:, 0] >= 0)).sum())
                                        for c in ds.classes},
-                "why": "Mixed-Rand and transplant on a stratified per-class sample sized for a 95% "
-                       "CI half-width of about 0.03 on their rates; Only-BG and Only-FG on every image",
+                "draws_per_object": {c: int(draws_for[min(int(ds.class_index[c]), len(draws_for) - 1)])
+                                     for c in ds.classes},
+                "n_only_bg": int((only_bg >= 0).sum()),
+                "only_bg_rows": ("the sample and the mistakes" if predictions is not None
+                                 else "every image"),
+                "why": "Mixed-Rand, transplant and the Only-BG rates on a stratified per-class "
+                       "sample sized for a 95% CI half-width of about 0.03 on their rates (draws "
+                       "per object: about that many per class); Only-BG images also for every "
+                       "mistake (the explanations read them), Only-FG on every image",
             },
             "ci": ("percentile bootstrap 95%, images resampled (an image's draws together), "
                    "paired for bg_gap"),
         },
         "per_image": {
             "index": index, "path": paths[index], "label_idx": label, "orig_pred": orig,
-            "only_bg_pred": only_bg, "only_fg_pred": only_fg, "mixed_pred": mixed[:, 0],
+            "only_bg_pred": only_bg, "only_fg_pred": only_fg, "in_sample": in_sample,
+            "mixed_pred": mixed[:, 0],
             "bg_source_index": src[:, 0], "pair_tier": tier[:, 0], "mixed_pred_all": mixed,
             "bg_source_index_all": src, "pair_tier_all": tier,
         },

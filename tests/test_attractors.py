@@ -248,3 +248,32 @@ def test_single_draw_layout_is_read_too(planted):
 def test_none_without_counterfactuals(cf):
     assert attractor_stats(cf, class_index()) is None
     assert explained_by_attractor(cf, {"zero": 0}) is None
+
+
+def test_rates_of_the_originals_are_taken_on_the_sample_only(planted):
+    """Outside the stratified sample only mistakes carry an Only-BG prediction (the scan makes
+    none for the others): those rows must not bias the originals' rates, while the victims (all
+    mistakes) are still counted."""
+    pi, _ = planted
+    full = _stats(pi)["classes"]["zero"]
+    n = len(pi["index"])
+    cut = copy.deepcopy(pi)
+    ob = np.asarray(cut["only_bg_pred"]).copy()
+    orig, label = np.asarray(cut["orig_pred"]), np.asarray(cut["label_idx"])
+    out = np.arange(n) % 2 == 1  # every other image left out of the sample
+    ob[out & (orig == label)] = -1  # ... and without an Only-BG image unless a mistake
+    cut["only_bg_pred"] = ob.tolist()
+    cut["in_sample"] = (~out).tolist()
+    # draws only from the sample (sources in it)
+    f = _stats(cut)["classes"]["zero"]
+    other, s = label != S, S
+    smp = other & ~out
+    want_in = np.mean(orig[smp & (ob == s)] == s)
+    want_out = np.mean(orig[smp & (ob != s) & (ob >= 0)] == s)
+    assert f["orig_rate_featured"] == pytest.approx(want_in)
+    assert f["orig_rate_plain"] == pytest.approx(want_out)
+    assert f["n_other"] == int(smp.sum())
+    # a rate over every row with an Only-BG image would count the mistakes twice as often
+    biased = np.mean(orig[other & (ob == s)] == s)
+    assert abs(biased - f["orig_rate_featured"]) > 0.05
+    assert f["n_victims_original"] == full["n_victims_original"]  # victims are mistakes: all kept

@@ -283,16 +283,58 @@ def test_mixed_rand_runs_on_a_stratified_per_class_sample(object_model):
     assert (per["pair_tier_all"][~drawn] == -1).all()
     assert cut["method"]["mixed_rand_sample"]["per_class"] == 5
     assert sum(cut["method"]["mixed_rand_sample"]["n_objects_by_class"].values()) == int(drawn.sum())
-    # Only-BG and Only-FG still cover every image, unchanged by the sample
+    # without the scan's predictions Only-BG and Only-FG cover every image, unchanged by the sample
     np.testing.assert_array_equal(cut["per_image"]["only_bg_pred"], full["per_image"]["only_bg_pred"])
     np.testing.assert_array_equal(cut["per_image"]["only_fg_pred"], full["per_image"]["only_fg_pred"])
     first = data.classes[0]
     assert cut["classes"][first]["n_mixed"] <= 5 < full["classes"][first]["n_mixed"]
-    # a sample as large as the data changes nothing
-    same = run_counterfactuals(object_model, data, mixed_per_class=12, **RUN)
+    # a sample as large as the data, with draws for as many per class, changes nothing
+    R = full["method"]["draws"]
+    same = run_counterfactuals(object_model, data, mixed_per_class=12 * R, **RUN)
     np.testing.assert_array_equal(same["per_image"]["mixed_pred_all"], full["per_image"]["mixed_pred_all"])
     assert same["classes"] == full["classes"]
+    # draws sized for the sample: 12 draws per class -> one per object, on every object
+    one = run_counterfactuals(object_model, data, mixed_per_class=12, **RUN)
+    m = np.asarray(one["per_image"]["mixed_pred_all"])
+    assert (m[:, 0] >= 0).all() and (m[:, 1:] == -1).all()
+    assert set(one["method"]["mixed_rand_sample"]["draws_per_object"].values()) == {1}
+    assert cut["method"]["mixed_rand_sample"]["draws_per_object"][first] == 1  # ceil(5 / 5)
     # groups: a class's sample is spread over its attribute values in proportion
     t = pd.DataFrame({"label_idx": [0] * 100, "site": ["a"] * 80 + ["b"] * 20})
     keep = stratified_sample(t, np.arange(100), 10, ["site"], seed=0)
     assert keep.sum() == 10 and keep[80:].sum() == 2
+
+
+def test_given_the_scans_predictions_only_the_sample_and_the_mistakes_get_only_bg(object_model):
+    data = load_dataset(make_data(n_per_class=12), n_outputs=4)
+    full = run_counterfactuals(object_model, data, **RUN)
+    idx = np.asarray(full["per_image"]["index"])
+    pred = np.full(len(data), -1, np.int64)
+    pred[idx] = full["per_image"]["orig_pred"]
+    # every row sampled: the same result as predicting the originals here
+    same = run_counterfactuals(object_model, data, predictions=pred, **RUN)
+    assert same["classes"] == full["classes"]
+    for k in ("orig_pred", "only_bg_pred", "only_fg_pred", "mixed_pred_all", "bg_source_index_all"):
+        np.testing.assert_array_equal(same["per_image"][k], full["per_image"][k])
+    assert same["method"]["mixed_rand_sample"]["only_bg_rows"] == "the sample and the mistakes"
+    # a sample of 5 per class; two images declared mistakes (whatever the model says) get an
+    # Only-BG image although not sampled; the other unsampled ones none
+    labels = data.table["label_idx"].to_numpy()
+    fake = pred.copy()
+    cut0 = run_counterfactuals(object_model, data, mixed_per_class=5, predictions=pred, **RUN)
+    outside = idx[~np.asarray(cut0["per_image"]["in_sample"])]
+    wrong = outside[:2]
+    fake[wrong] = (labels[wrong] + 1) % 3
+    cut = run_counterfactuals(object_model, data, mixed_per_class=5, predictions=fake, **RUN)
+    pi = {k: np.asarray(v) for k, v in cut["per_image"].items()}
+    has = pi["only_bg_pred"] >= 0
+    mistake = pi["orig_pred"] != pi["label_idx"]
+    np.testing.assert_array_equal(has, pi["in_sample"] | mistake)
+    assert set(wrong) <= set(pi["index"][has])
+    assert pi["in_sample"].sum() == 15 and has.sum() >= 17
+    np.testing.assert_array_equal(pi["orig_pred"], fake[pi["index"]])  # not recomputed
+    full_bg = dict(zip(idx.tolist(), full["per_image"]["only_bg_pred"]))
+    assert all(full_bg[int(i)] == p for i, p in zip(pi["index"][has], pi["only_bg_pred"][has]))
+    # the Only-BG rates are taken on the sample only
+    first = data.classes[0]
+    assert cut["classes"][first]["n_only_bg"] == 5

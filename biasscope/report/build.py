@@ -294,8 +294,13 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
         if sample.get("per_class") is not None:
             cf_sample = (f"Mixed-Rand and transplant ran on a stratified sample of at most "
                          f"{int(sample['per_class']):,} objects per class ({int(sample.get('n_objects', 0)):,} "
-                         f"in all, by {', '.join(sample.get('stratified_by') or ['label'])}); "
-                         "Only-BG and Only-FG on every image.")
+                         f"in all, by {', '.join(sample.get('stratified_by') or ['label'])}), "
+                         "the Only-BG rates on the same sample; "
+                         + (f"Only-BG images for the sample and every mistake "
+                            f"({int(sample['n_only_bg']):,}), "
+                            if sample.get("only_bg_rows") == "the sample and the mistakes"
+                            else "Only-BG on every image, ")
+                         + "Only-FG on every image.")
     else:
         cf_skipped = (cf or {}).get("skipped") if isinstance(cf, dict) else None
         cf_skipped = cf_skipped or "not run (no counterfactual results in this scan)"
