@@ -74,6 +74,7 @@ def scan(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster (--engine ray; default: RAY_ADDRESS or a local Ray).", show_default=False),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray actors, one model each (default: one per CPU of the cluster).", show_default=False),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs each Ray actor reserves (default 0).", show_default=False),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", min=1, help="Images per stored chunk, rounded down to whole batches (default: 64 batches): the unit of resume and of a Ray actor's work item.", show_default=False),
 ) -> None:
     """Run Grad-CAM (or another CAM method) over DATA with MODEL, analyse the heatmaps and report findings."""
     from .api import scan as run_scan
@@ -85,7 +86,7 @@ def scan(
                           unsafe_model=unsafe_model, seed=seed, counterfactuals=counterfactuals,
                           fail_on=fail_on or (), report=report, scorecam_channels=scorecam_channels,
                           engine=engine.value, ray_address=ray_address, workers=workers,
-                          gpus_per_worker=gpus_per_worker)
+                          gpus_per_worker=gpus_per_worker, chunk_size=chunk_size)
     except BiasscopeError as exc:
         _fail(exc)
     except ScanInterrupted as exc:

@@ -464,7 +464,7 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         averaging over several backgrounds per object takes the noise of the background draw
         out of the BG-gap (on the 800-image benchmark, 1 draw gives a CI half-width of about
         0.08, 4 draws about 0.06). With ``mixed_per_class``, a class gets
-        ``ceil(mixed_per_class / sampled objects)`` draws per object, 1..``draws``: about
+        ``round(mixed_per_class / sampled objects)`` draws per object, 1..``draws``: about
         ``mixed_per_class`` draws per class, so a class sampled in full (a large one) gets 1.
     pairing : {"background", "class"}
         See the module docstring.
@@ -541,7 +541,9 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     if mixed_per_class is None:
         draws_for = np.full(len(per_class_n), R)
     else:
-        draws_for = np.clip(-(-int(mixed_per_class) // np.maximum(per_class_n, 1)), 1, R)
+        # rounded to the nearest (the sample's per-group quotas may fall a few objects short)
+        draws_for = np.clip(np.floor(int(mixed_per_class) / np.maximum(per_class_n, 1) + 0.5)
+                            .astype(np.int64), 1, R)
     sub = dataclasses.replace(
         ds, table=ds.table.iloc[order].reset_index(drop=True),
         arrays=None if ds.arrays is None else {

@@ -22,11 +22,14 @@ def _one_line_error(result, *fragments):
 
 def test_scan_prints_summary_and_writes_result(image_set, cnn_path, tmp_path):
     out = tmp_path / "o"
-    r = runner.invoke(app, ["scan", str(cnn_path), str(image_set), "--out", str(out), "--batch-size", "4"])
+    r = runner.invoke(app, ["scan", str(cnn_path), str(image_set), "--out", str(out), "--batch-size", "4",
+                            "--chunk-size", "10"])
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output and "mean inside_frac" in r.output and f"result: {out}" in r.output
     assert "verdict: " in r.output and r.output.index("verdict: ") < r.output.index("biasscope scan")
-    assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "complete"
+    assert meta["options"]["chunk_size"] == 8  # whole batches
 
 
 def _result(summary, findings=()):

@@ -298,7 +298,7 @@ def test_mixed_rand_runs_on_a_stratified_per_class_sample(object_model):
     m = np.asarray(one["per_image"]["mixed_pred_all"])
     assert (m[:, 0] >= 0).all() and (m[:, 1:] == -1).all()
     assert set(one["method"]["mixed_rand_sample"]["draws_per_object"].values()) == {1}
-    assert cut["method"]["mixed_rand_sample"]["draws_per_object"][first] == 1  # ceil(5 / 5)
+    assert cut["method"]["mixed_rand_sample"]["draws_per_object"][first] == 1  # round(5 / 5)
     # groups: a class's sample is spread over its attribute values in proportion
     t = pd.DataFrame({"label_idx": [0] * 100, "site": ["a"] * 80 + ["b"] * 20})
     keep = stratified_sample(t, np.arange(100), 10, ["site"], seed=0)
