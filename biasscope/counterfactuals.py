@@ -24,6 +24,11 @@ pass (:func:`biasscope.cams.compiled_forward`), batch by batch:
   Only-BG image the model does not read as the object's class* (tier 2), else of another class
   (tier 1), else any other image (tier 0). Sources and tiers are recorded.
 
+At scale (``mixed_per_class``, ``predictions``; what the scan passes): Mixed-Rand, transplant
+and the Only-BG rates run on a stratified per-class sample sized for the CIs, Only-BG images are
+made for the sample and the scan's mistakes, Only-FG for every image, and the originals are the
+scan's own predictions (see :func:`run_counterfactuals`).
+
 Why "not read as the object's class": Xiao et al.'s test sets have class-typical backgrounds, so
 another class's background is, in practice, one that says "another class". A validation set
 balanced over (class, background) groups -- the right design for worst-group accuracy, and the
