@@ -14,6 +14,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CLASSES = ("circle", "square", "stripe")
 
 
+def kill_once_stored(code: str, args, marker: Path, timeout: float = 120.0) -> None:
+    """Run ``python -c code *args`` (a scan), SIGKILL it as soon as ``marker`` (a stored chunk)
+    exists, and check that it was indeed killed, not finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the scan finished before it could be interrupted"
+
+
 def make_image_set(root: Path, *, n_per_class: int = 6, size: int = 32, seed: int = 0,
                    masks: bool = True, classes=CLASSES) -> Path:
     """DATA/images/<class>/*.png + DATA/masks/<class>/*.png: a bright shape on a noisy background."""

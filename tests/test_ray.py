@@ -23,7 +23,7 @@ import biasscope
 from biasscope import store
 from biasscope.cli import app
 from biasscope.errors import ScanInterrupted
-from conftest import make_cnn, make_image_set
+from conftest import kill_once_stored, make_cnn, make_image_set
 from test_cli import _one_line_error
 
 ray = pytest.importorskip("ray")
@@ -166,15 +166,7 @@ def test_a_killed_ray_driver_resumes_without_redoing_its_chunks(cluster, data, t
     stores only the missing chunks and gives the local result."""
     ds, model, local = data
     out = tmp_path / "d"
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(model), str(ds), str(out), cluster],
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    marker = out / "chunks" / "rows-00001.parquet"
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the scan finished before it could be interrupted"
+    kill_once_stored(RUNNER, [model, ds, out, cluster], out / "chunks" / "rows-00001.parquet")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["status"] == "running" and meta["engine"]["name"] == "ray"
     stored = len(list((out / "chunks").glob("rows-*.parquet")))

@@ -1,12 +1,7 @@
 """End-to-end scans on tiny generated data: the stored result, bad input, resume after a kill."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 
 import numpy as np
 import pandas as pd
@@ -16,7 +11,7 @@ from PIL import Image
 import biasscope
 from biasscope.errors import BiasscopeError
 from biasscope.metrics import attention_metrics
-from conftest import make_cnn, make_image_set
+from conftest import kill_once_stored, make_cnn, make_image_set
 
 REQUIRED = ["path", "label", "label_idx", "pred", "pred_idx", "correct", "confidence", "label_prob",
             "top5", "inside_frac", "mask_frac", "lift", "pointing_hit", "energy_inside", "cam_entropy",
@@ -130,15 +125,7 @@ def test_resume_after_a_real_kill_gives_the_uninterrupted_result(tmp_path):
     model = tmp_path / "m.keras"
     make_cnn().save(model)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(model), str(data), str(out)],
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    marker = out / "chunks" / "rows-00002.parquet"
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the scan finished before it could be interrupted"
+    kill_once_stored(RUNNER, [model, data, out], out / "chunks" / "rows-00002.parquet")
     assert json.loads((out / "meta.json").read_text())["status"] == "running"
     resumed = biasscope.scan(model, data, out=out, batch_size=4, chunk_size=8, progress=False)
     assert resumed.meta["timings"]["resumed_at"] >= 24
