@@ -6,6 +6,9 @@ import numpy as np
 
 __all__ = ["boot_ratio", "interval"]
 
+#: Up to this many distinct (num, den) rows the bootstrap draws multinomial counts.
+_FEW_DISTINCT = 256
+
 
 def boot_ratio(num, den, n_boot: int, rng) -> np.ndarray | None:
     """Bootstrap distribution of ``sum(num) / sum(den)``, resampling rows; ``num`` and ``den``
@@ -18,6 +21,15 @@ def boot_ratio(num, den, n_boot: int, rng) -> np.ndarray | None:
         return None
     if n_boot <= 0:
         return np.array([num.sum() / den.sum()])
+    pairs, inverse = np.unique(np.stack([num, den], axis=1), axis=0, return_inverse=True)
+    if len(pairs) <= _FEW_DISTINCT:
+        # Few distinct (num, den) rows (rates: 0/1 of 1; per-background hits of a few draws):
+        # resampling n rows with replacement draws the counts of each distinct row from a
+        # multinomial, the same distribution at O(distinct) per resample instead of O(n).
+        freq = np.bincount(np.ravel(inverse), minlength=len(pairs)) / n
+        counts = rng.multinomial(n, freq, size=n_boot).astype(np.float64)
+        d = counts @ pairs[:, 1]
+        return np.where(d > 0, (counts @ pairs[:, 0]) / np.maximum(d, 1e-12), np.nan)
     stats = np.empty(n_boot)
     step = max(1, 4_000_000 // n)  # bounded memory for many rows
     for s in range(0, n_boot, step):
