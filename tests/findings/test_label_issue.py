@@ -271,6 +271,24 @@ def test_knn_probabilities_leave_each_image_out_and_cap_k():
     np.testing.assert_allclose(P.sum(axis=1), 1.0)
 
 
+def test_knn_look_alikes_come_from_a_sample_above_the_reference_cap():
+    from biasscope.findings.label_issue import knn_probabilities
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 150)
+    X = rng.normal(size=(300, 4)) + 6.0 * labels[:, None]
+    full_P, _ = knn_probabilities(X, labels, 2, k=10)
+    P, nb = knn_probabilities(X, labels, 2, k=10, max_reference=100)
+    ref = np.unique(nb)
+    assert len(ref) <= 100 and nb.shape == (300, 10)
+    assert all(i not in row for i, row in enumerate(nb))  # leave-one-out for sampled rows too
+    # the same sample for every row, and the same answer as the full search on separated classes
+    np.testing.assert_array_equal(P.argmax(axis=1), labels)
+    np.testing.assert_array_equal(full_P.argmax(axis=1), labels)
+    P2, nb2 = knn_probabilities(X, labels, 2, k=10, max_reference=100)
+    np.testing.assert_array_equal(nb, nb2)
+
+
 def test_embedding_is_power_normalised_and_reduced_when_wide():
     from biasscope.findings.label_issue import embed_for_knn
 
