@@ -66,13 +66,11 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
     return r.returncode == 0
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of 4 images (the CLI's default is 64 batches), so a tiny scan has several."""
-    monkeypatch.setattr(api, "scan", functools.partial(api.scan, chunk_size=4))
+#: chunks of 4 images (the CLI's default is 64 batches), so that a tiny scan has several
+SMALL_CHUNKS = ["--chunk-size", "4"]
 
 
-def test_full_disk_keeps_the_stored_chunks_and_resumes(tmp_path, monkeypatch, small_chunks):
+def test_full_disk_keeps_the_stored_chunks_and_resumes(tmp_path, monkeypatch):
     data = make_image_set(tmp_path / "data", n_per_class=8)  # 24 images, 6 chunks
     model = tmp_path / "m.keras"
     make_cnn().save(model)
@@ -97,7 +95,7 @@ def test_full_disk_keeps_the_stored_chunks_and_resumes(tmp_path, monkeypatch, sm
 
             monkeypatch.setattr(store, "_save_npy", save_until_full)
         out = disk / "scan"
-        args = ["scan", str(model), str(data), *FAST]
+        args = ["scan", str(model), str(data), *FAST, *SMALL_CHUNKS]
         _one_line_error(runner.invoke(app, [*args, "--out", str(out)]),
                         f"no space left on device writing {out}")
         chunks = sorted((out / "chunks").glob("rows-*.parquet"))
@@ -128,7 +126,7 @@ def test_full_disk_keeps_the_stored_chunks_and_resumes(tmp_path, monkeypatch, sm
 
 
 def test_full_disk_while_assembling_resumes_from_the_stored_chunks(image_set, cnn_path, tmp_path,
-                                                                  monkeypatch, small_chunks):
+                                                                  monkeypatch):
     real, failed = store.write_table, []
 
     def write_table_once_full(out_dir, table):
@@ -139,7 +137,7 @@ def test_full_disk_while_assembling_resumes_from_the_stored_chunks(image_set, cn
 
     monkeypatch.setattr(api, "write_table", write_table_once_full)
     out = tmp_path / "o"
-    args = ["scan", str(cnn_path), str(image_set), "--out", str(out), *FAST]
+    args = ["scan", str(cnn_path), str(image_set), "--out", str(out), *FAST, *SMALL_CHUNKS]
     _one_line_error(runner.invoke(app, args), f"no space left on device writing {out}")
     assert len(list((out / "chunks").glob("rows-*.parquet"))) == 5  # 18 images, chunks of 4
     assert json.loads((out / "meta.json").read_text())["status"] == "running"
