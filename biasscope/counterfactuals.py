@@ -24,6 +24,12 @@ pass (:func:`biasscope.cams.compiled_forward`), batch by batch:
   Only-BG image the model does not read as the object's class* (tier 2), else of another class
   (tier 1), else any other image (tier 0). Sources and tiers are recorded.
 
+The rows, in the order they are run, are cut into chunks of whole batches
+(:data:`CHUNK_BATCHES`; :func:`plan_counterfactuals`), each run on its own by
+:func:`run_chunk` with its own pairing RNG and the results put together by
+:func:`aggregate_counterfactuals`: the local engine runs the chunks one after another, the Ray
+engine (:class:`biasscope.engines.ray.RayCounterfactuals`) on its actors, with the same result.
+
 At scale (``mixed_per_class``, ``predictions``; what the scan passes): Mixed-Rand, transplant
 and the Only-BG rates run on a stratified per-class sample sized for the CIs, Only-BG images are
 made for the sample and the scan's mistakes, Only-FG for every image, and the originals are the
@@ -444,7 +450,7 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
                         preprocess="none", seed: int = 0, n_boot: int = 1000, draws: int = 4,
                         pairing: str = "background", dilate: int = 2, target=None,
                         mixed_per_class: int | None = None, predictions=None,
-                        progress=True) -> dict:
+                        chunk_batches: int | None = None, runner=None, progress=True) -> dict:
     """Only-BG / Mixed-Rand background tests over the images of ``ds`` that have a mask.
 
     Parameters
@@ -490,6 +496,16 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         ``label_issue`` read the Only-BG prediction of every mistake); Only-FG covers every
         image (``label_issue`` compares every object's embedding). Without, the originals are
         predicted here and every image gets an Only-BG image.
+    chunk_batches : int, optional
+        Batches per chunk (default :data:`CHUNK_BATCHES`): the rows, in the order they are run,
+        are cut into chunks of this many batches, each run on its own (its last batch padded,
+        its own pairing RNG), so the result depends on the chunking but not on who runs the
+        chunks or in what order.
+    runner : callable, optional
+        Who runs the chunks: ``runner(plan, specs, task) -> {chunk index: chunk result}``
+        (:func:`run_chunk`'s results; ``task`` advances by rows), e.g. the Ray engine's
+        :class:`biasscope.engines.ray.RayCounterfactuals`; its ``info`` (a dict) is recorded
+        as ``method["engine"]``. Default: the chunks one after another in this process.
 
     Returns
     -------
@@ -504,23 +520,100 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         "features": (n, channels) float32, "layer": path}`` with numpy arrays (not JSON: pop it
         before writing the result).
     """
-    from .cams import compiled_forward, resolve_preprocess
-    from .model import Capture
-    from .pipeline import make_pipeline
+    t0 = time.perf_counter()
+    plan = plan_counterfactuals(ds, image_size=image_size, channels=channels, batch_size=batch_size,
+                                preprocess=preprocess, seed=seed, draws=draws, pairing=pairing,
+                                dilate=dilate, mixed_per_class=mixed_per_class,
+                                predictions=predictions, chunk_batches=chunk_batches)
+    if plan is None:
+        return {"skipped": "no masks"}
+    specs = plan.chunks()
+    with as_reporter(progress).task("counterfactuals", total=int(plan.rows.size)) as task:
+        if runner is None:
+            steps = CounterfactualSteps(model, plan, target=target)
+            got = {s["chunk"]: run_chunk(steps, plan, **s, advance=task.advance) for s in specs}
+        else:
+            got = runner(plan, specs, task)
+    missing = [s["chunk"] for s in specs if s["chunk"] not in got]
+    if missing:
+        raise BiasscopeError(f"counterfactuals: no result for chunk(s) {missing[:5]}")
+    engine = dict(getattr(runner, "info", None) or {"name": "local"})
+    return aggregate_counterfactuals(plan, ds, [got[s["chunk"]] for s in specs],
+                                     n_classes=output_head_classes(model), n_boot=n_boot,
+                                     target_path=None if target is None else target.path,
+                                     engine=engine, t0=t0)
 
+
+# ----------------------------------------------------------------------------------------------
+# Plan, chunks, aggregation (what the engines share)
+# ----------------------------------------------------------------------------------------------
+
+#: Batches per counterfactual chunk: the unit of work of an engine (a Ray work item) and of the
+#: pairing RNG (``default_rng([seed, 1, chunk])``); a batch never straddles two chunks.
+CHUNK_BATCHES = 64
+
+_PART_KEYS = ("pos", "label", "orig", "only_bg", "only_fg", "emb", "mixed", "src", "tier")
+
+
+@dataclasses.dataclass
+class CounterfactualPlan:
+    """Which rows are run in which order, and with what; everything a worker needs besides the
+    model (it is shipped to Ray actors by pickling). Positions are indices into ``order``; the
+    Mixed-Rand sample is ``order[:n_draw_rows]``, the rows with an Only-BG image
+    ``order[:n_bg_rows]``."""
+
+    sub: Dataset                    # the dataset's rows in ``order``
+    order: np.ndarray               # the dataset row at each position
+    rows: np.ndarray                # the dataset rows with a mask
+    n_draw_rows: int
+    n_bg_rows: int
+    draws_for: np.ndarray           # draws per object, by class index
+    pred_sorted: np.ndarray | None  # the scan's predictions in ``order`` (None: predicted here)
+    batch_size: int                 # B (at least _MIN_POOL)
+    draws: int                      # R
+    image_size: tuple
+    channels: int
+    preprocess: object
+    seed: int
+    pairing: str
+    dilate: int
+    mixed_per_class: int | None
+    chunk_rows: int                 # a multiple of batch_size
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-len(self.order) // self.chunk_rows)
+
+    def chunks(self) -> list:
+        """One spec per chunk: ``{"chunk": k, "lo": lo, "hi": hi}``, positions ``[lo, hi)``."""
+        n = len(self.order)
+        return [{"chunk": k, "lo": k * self.chunk_rows, "hi": min((k + 1) * self.chunk_rows, n)}
+                for k in range(self.n_chunks)]
+
+
+def plan_counterfactuals(ds: Dataset, *, image_size, channels: int, batch_size: int,
+                         preprocess="none", seed: int = 0, draws: int = 4,
+                         pairing: str = "background", dilate: int = 2,
+                         mixed_per_class: int | None = None, predictions=None,
+                         chunk_batches: int | None = None) -> CounterfactualPlan | None:
+    """The driver's part before any image is read: the rows with masks, shuffled (seeded), the
+    stratified sample first, then the other rows that get an Only-BG image, then the rest; the
+    draws per class; the chunks. None when no image has a mask. Arguments as for
+    :func:`run_counterfactuals`."""
     if pairing not in PAIRINGS:
         raise BiasscopeError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     if int(batch_size) < 1:
         raise BiasscopeError(f"batch_size must be >= 1, got {batch_size}")
     if int(draws) < 1:
         raise BiasscopeError(f"draws must be >= 1, got {draws}")
-    t0 = time.perf_counter()
+    cb = CHUNK_BATCHES if chunk_batches is None else int(chunk_batches)
+    if cb < 1:
+        raise BiasscopeError(f"chunk_batches must be >= 1, got {chunk_batches}")
     B, R = max(int(batch_size), _MIN_POOL), int(draws)
     H, W = (int(s) for s in image_size)
-    C = int(channels)
     rows = np.flatnonzero(_rows_with_masks(ds))
     if rows.size == 0:
-        return {"skipped": "no masks"}
+        return None
     if predictions is not None:
         predictions = np.asarray(predictions, np.int64)
         if predictions.shape != (len(ds),):
@@ -554,87 +647,143 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         arrays=None if ds.arrays is None else {
             "images": np.asarray(ds.arrays["images"])[order],
             "masks": np.asarray(ds.arrays["masks"])[order]})
+    return CounterfactualPlan(
+        sub=sub, order=order, rows=rows, n_draw_rows=n_draw_rows, n_bg_rows=n_bg_rows,
+        draws_for=draws_for, pred_sorted=None if predictions is None else predictions[order],
+        batch_size=B, draws=R, image_size=(H, W), channels=int(channels), preprocess=preprocess,
+        seed=int(seed), pairing=pairing, dilate=int(dilate),
+        mixed_per_class=None if mixed_per_class is None else int(mixed_per_class),
+        chunk_rows=cb * B)
 
-    forward = compiled_forward(model, batch_size=B, input_shape=(H, W, C), preprocess=preprocess)
-    classify, head = _classifier(model)
-    n_classes = head.n_classes
 
-    def predict(x):
-        return classify(forward(x))
-    img_spec = tf.TensorSpec((B, H, W, C), tf.float32)
-    mask_spec = tf.TensorSpec((B, H, W), tf.bool)
+class CounterfactualSteps:
+    """The three compiled steps of a chunk for one model (built once per process or actor):
+    ``with_only_bg`` (Only-BG fill and prediction, Only-FG prediction and embedding, and the
+    originals' prediction when the scan's are not given), ``without_only_bg`` (the same without
+    the fill) and ``mixed_rand`` (objects pasted on a batch's Only-BG images)."""
 
-    pre = resolve_preprocess(preprocess)
-    with_orig = predictions is None
+    def __init__(self, model, plan: CounterfactualPlan, *, target=None):
+        from .cams import compiled_forward, resolve_preprocess
+        from .model import Capture
 
-    def only_fg_pass(images, masks):
-        fg = only_foreground(images, masks)
-        p_orig = predict(images) if with_orig else tf.zeros((B,), tf.int32)
-        if target is None:
-            return predict(fg), tf.zeros((B, 0), tf.float32), p_orig
-        # The model is called directly (not through the compiled `forward`, whose graph may be
-        # traced already) so that the wrapped target layer is part of this graph.
-        with Capture(target, head) as cap:
-            out = model(pre(fg), training=False)
-        return classify(out), tf.reduce_mean(tf.cast(cap.activations, tf.float32), axis=(1, 2)), p_orig
+        B, C = plan.batch_size, plan.channels
+        H, W = plan.image_size
+        dilate = plan.dilate
+        forward = compiled_forward(model, batch_size=B, input_shape=(H, W, C), preprocess=plan.preprocess)
+        classify, head = _classifier(model)
+        self.n_classes = head.n_classes
 
-    @tf.function(input_signature=[img_spec, mask_spec])
-    def with_only_bg(images, masks):
-        only_bg = fill_background(images, masks, dilate=dilate)
-        p_fg, emb, p_orig = only_fg_pass(images, masks)
-        return only_bg, p_orig, predict(only_bg), p_fg, emb
+        def predict(x):
+            return classify(forward(x))
+        img_spec = tf.TensorSpec((B, H, W, C), tf.float32)
+        mask_spec = tf.TensorSpec((B, H, W), tf.bool)
 
-    @tf.function(input_signature=[img_spec, mask_spec])
-    def without_only_bg(images, masks):
-        return only_fg_pass(images, masks)
+        pre = resolve_preprocess(plan.preprocess)
+        self.with_orig = with_orig = plan.pred_sorted is None
 
-    @tf.function(input_signature=[img_spec, mask_spec, img_spec, tf.TensorSpec((B,), tf.int32)])
-    def mixed_rand(images, masks, only_bg, source):
-        return predict(paste_objects(images, masks, only_bg, source))
+        def only_fg_pass(images, masks):
+            fg = only_foreground(images, masks)
+            p_orig = predict(images) if with_orig else tf.zeros((B,), tf.int32)
+            if target is None:
+                return predict(fg), tf.zeros((B, 0), tf.float32), p_orig
+            # The model is called directly (not through the compiled `forward`, whose graph may
+            # be traced already) so that the wrapped target layer is part of this graph.
+            with Capture(target, head) as cap:
+                out = model(pre(fg), training=False)
+            return classify(out), tf.reduce_mean(tf.cast(cap.activations, tf.float32), axis=(1, 2)), p_orig
 
-    pipe = make_pipeline(sub, image_size=(H, W), channels=C, batch_size=B, start=0)
-    parts = {k: [] for k in ("pos", "label", "orig", "only_bg", "only_fg", "emb", "mixed", "src",
-                             "tier")}
-    pair_rng = np.random.default_rng([int(seed), 1])
-    pred_sorted = None if predictions is None else predictions[order]
-    with as_reporter(progress).task("counterfactuals", total=int(rows.size)) as task:
-        for batch in pipe:
-            pos = batch["index"].numpy()
-            images, mask, labels = batch["image"], batch["mask"], batch["label"].numpy()
-            valid = (pos >= 0) & batch["has_mask"].numpy() & mask.numpy().any(axis=(1, 2))
-            has_bg = valid & (pos < n_bg_rows)
-            if has_bg.any():
-                only_bg, p_orig, p_bg, p_fg, emb = with_only_bg(images, mask)
-                p_bg = np.where(has_bg, p_bg.numpy(), -1)
-            else:
-                p_fg, emb, p_orig = without_only_bg(images, mask)
-                only_bg, p_bg = None, np.full(B, -1, np.int64)
-            p_orig = p_orig.numpy() if with_orig else pred_sorted[np.maximum(pos, 0)]
-            mixed, src, tier = [], [], []
-            draw = valid & (pos < n_draw_rows)  # rows past the Mixed-Rand sample get no draws
-            n_draws = draws_for[np.minimum(labels, len(draws_for) - 1)]
-            for j in range(R):
-                s, t = _pair(labels, p_bg, draw, pair_rng, pairing)
-                s, t = np.where(n_draws > j, s, -1), np.where(n_draws > j, t, -1)
-                # no pair in the batch (past the sample, or no more draws): no forward pass
-                p = mixed_rand(images, mask, only_bg, np.maximum(s, 0)).numpy() if (s >= 0).any() else s
-                mixed.append(np.where(s >= 0, p, -1))
-                # sources as positions in the shuffled order (-1: none)
-                src.append(np.where(s >= 0, pos[np.maximum(s, 0)], -1))
-                tier.append(t.astype(np.int8))
-            parts["pos"].append(pos[valid])
-            parts["label"].append(labels[valid])
-            parts["orig"].append(p_orig[valid])
-            parts["only_bg"].append(p_bg[valid])
-            parts["only_fg"].append(p_fg.numpy()[valid])
-            parts["emb"].append(emb.numpy()[valid])
-            parts["mixed"].append(np.stack(mixed, axis=1)[valid])
-            parts["src"].append(np.stack(src, axis=1)[valid])
-            parts["tier"].append(np.stack(tier, axis=1)[valid])
-            task.advance(int((pos >= 0).sum()))
+        @tf.function(input_signature=[img_spec, mask_spec])
+        def with_only_bg(images, masks):
+            only_bg = fill_background(images, masks, dilate=dilate)
+            p_fg, emb, p_orig = only_fg_pass(images, masks)
+            return only_bg, p_orig, predict(only_bg), p_fg, emb
+
+        @tf.function(input_signature=[img_spec, mask_spec])
+        def without_only_bg(images, masks):
+            return only_fg_pass(images, masks)
+
+        @tf.function(input_signature=[img_spec, mask_spec, img_spec, tf.TensorSpec((B,), tf.int32)])
+        def mixed_rand(images, masks, only_bg, source):
+            return predict(paste_objects(images, masks, only_bg, source))
+
+        self.with_only_bg, self.without_only_bg, self.mixed_rand = with_only_bg, without_only_bg, mixed_rand
+
+
+def run_chunk(steps: CounterfactualSteps, plan: CounterfactualPlan, chunk: int, lo: int, hi: int,
+              advance=None) -> dict | None:
+    """The tests on positions ``[lo, hi)`` of ``plan.order`` (``lo`` a multiple of the batch
+    size; the chunk's last batch is padded): per valid row its position, label, the
+    predictions, the embedding and the draws (``pos`` ... ``tier``, as numpy arrays), or None
+    when no image of the chunk could be read. The pairing RNG is the chunk's own,
+    ``default_rng([seed, 1, chunk])``: the result is a function of the plan and the chunk."""
+    from .pipeline import make_pipeline
+
+    B, R = plan.batch_size, plan.draws
+    H, W = plan.image_size
+    draws_for, pred_sorted = plan.draws_for, plan.pred_sorted
+    pipe = make_pipeline(plan.sub, image_size=(H, W), channels=plan.channels, batch_size=B,
+                         start=int(lo), stop=int(hi))
+    parts: dict = {k: [] for k in _PART_KEYS}
+    pair_rng = np.random.default_rng([plan.seed, 1, int(chunk)])
+    for batch in pipe:
+        pos = batch["index"].numpy()
+        images, mask, labels = batch["image"], batch["mask"], batch["label"].numpy()
+        valid = (pos >= 0) & batch["has_mask"].numpy() & mask.numpy().any(axis=(1, 2))
+        has_bg = valid & (pos < plan.n_bg_rows)
+        if has_bg.any():
+            only_bg, p_orig, p_bg, p_fg, emb = steps.with_only_bg(images, mask)
+            p_bg = np.where(has_bg, p_bg.numpy(), -1)
+        else:
+            p_fg, emb, p_orig = steps.without_only_bg(images, mask)
+            only_bg, p_bg = None, np.full(B, -1, np.int64)
+        p_orig = p_orig.numpy() if pred_sorted is None else pred_sorted[np.maximum(pos, 0)]
+        mixed, src, tier = [], [], []
+        draw = valid & (pos < plan.n_draw_rows)  # rows past the Mixed-Rand sample get no draws
+        n_draws = draws_for[np.minimum(labels, len(draws_for) - 1)]
+        for j in range(R):
+            s, t = _pair(labels, p_bg, draw, pair_rng, plan.pairing)
+            s, t = np.where(n_draws > j, s, -1), np.where(n_draws > j, t, -1)
+            # no pair in the batch (past the sample, or no more draws): no forward pass
+            p = steps.mixed_rand(images, mask, only_bg, np.maximum(s, 0)).numpy() if (s >= 0).any() else s
+            mixed.append(np.where(s >= 0, p, -1))
+            # sources as positions in the shuffled order (-1: none)
+            src.append(np.where(s >= 0, pos[np.maximum(s, 0)], -1))
+            tier.append(t.astype(np.int8))
+        parts["pos"].append(pos[valid])
+        parts["label"].append(labels[valid])
+        parts["orig"].append(p_orig[valid])
+        parts["only_bg"].append(p_bg[valid])
+        parts["only_fg"].append(p_fg.numpy()[valid])
+        parts["emb"].append(emb.numpy()[valid])
+        parts["mixed"].append(np.stack(mixed, axis=1)[valid])
+        parts["src"].append(np.stack(src, axis=1)[valid])
+        parts["tier"].append(np.stack(tier, axis=1)[valid])
+        if advance is not None:
+            advance(int((pos >= 0).sum()))
+    if not parts["pos"]:
+        return None
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def output_head_classes(model) -> int:
+    """The number of classes the model's head tells apart."""
+    return _classifier(model)[1].n_classes
+
+
+def aggregate_counterfactuals(plan: CounterfactualPlan, ds: Dataset, chunks: list, *, n_classes: int,
+                              n_boot: int, target_path: str | None = None, engine: dict | None = None,
+                              t0: float | None = None) -> dict:
+    """The result of :func:`run_counterfactuals` from its chunks' results (in chunk order; None
+    for a chunk with no readable image): back to dataset row order, the per-class figures."""
+    t0 = time.perf_counter() if t0 is None else t0
+    seed, R, B = plan.seed, plan.draws, plan.batch_size
+    H, W = plan.image_size
+    order, rows, n_draw_rows = plan.order, plan.rows, plan.n_draw_rows
+    draws_for, pairing, dilate, mixed_per_class = plan.draws_for, plan.pairing, plan.dilate, plan.mixed_per_class
+    got = [c for c in chunks if c is not None]
     empty = {"mixed": (0, R), "src": (0, R), "tier": (0, R), "emb": (0, 0)}
-    cat = {k: (np.concatenate(v) if v else np.zeros(empty.get(k, (0,)), np.int64))
-           for k, v in parts.items()}
+    cat = {k: (np.concatenate([c[k] for c in got]) if got else np.zeros(empty.get(k, (0,)), np.int64))
+           for k in _PART_KEYS}
     if cat["pos"].size == 0:
         return {"skipped": "no usable masks (empty at the model's input size, or unreadable)"}
     # back to dataset row order
@@ -695,13 +844,16 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
                 "draws_per_object": {c: int(draws_for[min(int(ds.class_index[c]), len(draws_for) - 1)])
                                      for c in ds.classes},
                 "n_only_bg": int((only_bg >= 0).sum()),
-                "only_bg_rows": ("the sample and the mistakes" if predictions is not None
+                "only_bg_rows": ("the sample and the mistakes" if plan.pred_sorted is not None
                                  else "every image"),
                 "why": "Mixed-Rand, transplant and the Only-BG rates on a stratified per-class "
                        "sample sized for a 95% CI half-width of about 0.03 on their rates (draws "
                        "per object: about that many per class); Only-BG images also for every "
                        "mistake (the explanations read them), Only-FG on every image",
             },
+            "chunks": {"n": plan.n_chunks, "rows": plan.chunk_rows,
+                       "pairing_rng": "per chunk: default_rng([seed, 1, chunk])"},
+            "engine": dict(engine or {"name": "local"}),
             "ci": ("percentile bootstrap 95%, images resampled (an image's draws together), "
                    "paired for bg_gap"),
         },
@@ -716,7 +868,7 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
     result = to_jsonable(result)
-    if target is not None:
+    if target_path is not None:
         result["object_embedding"] = {"index": index, "features": emb.astype(np.float32),
-                                      "layer": target.path}
+                                      "layer": target_path}
     return result

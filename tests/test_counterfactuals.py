@@ -338,3 +338,37 @@ def test_given_the_scans_predictions_only_the_sample_and_the_mistakes_get_only_b
     # the Only-BG rates are taken on the sample only
     first = data.classes[0]
     assert cut["classes"][first]["n_only_bg"] == 5
+
+
+def test_chunks_are_whole_batches_with_their_own_rng_and_any_runner_gives_the_same_result(object_model, data):
+    """30 rows, 8 a batch, 1 batch a chunk: 4 chunks (the last padded). Chunks run in reverse
+    order by another runner (as Ray's actors may finish them) give the local result; the
+    pairing RNG is the chunk's own, so the draws do not depend on the chunks before."""
+    from biasscope.counterfactuals import CounterfactualSteps, plan_counterfactuals, run_chunk
+
+    base = run_counterfactuals(object_model, data, chunk_batches=1, **RUN)
+    assert base["method"]["chunks"]["n"] == 4 and base["method"]["chunks"]["rows"] == 8
+    assert base["method"]["engine"] == {"name": "local"}
+    calls: list = []
+
+    def backwards(plan, specs, task):
+        steps = CounterfactualSteps(object_model, plan)
+        got = {}
+        for s in reversed(specs):
+            calls.append(s["chunk"])
+            got[s["chunk"]] = run_chunk(steps, plan, **s)
+            task.advance(s["hi"] - s["lo"])
+        return got
+
+    backwards.info = {"name": "backwards"}  # type: ignore[attr-defined]
+    other = run_counterfactuals(object_model, data, chunk_batches=1, runner=backwards, **RUN)
+    assert calls == [3, 2, 1, 0] and other["method"]["engine"] == {"name": "backwards"}
+    assert other["per_image"] == base["per_image"] and other["classes"] == base["classes"]
+    # one chunk for all: the first batch draws from the same RNG (chunk 0's), the others not
+    whole = run_counterfactuals(object_model, data, **RUN)
+    assert whole["method"]["chunks"]["n"] == 1
+    assert whole["per_image"]["index"] == base["per_image"]["index"] == list(range(30))
+    first = plan_counterfactuals(data, **{k: RUN[k] for k in ("image_size", "channels", "batch_size")}).order[:8]
+    src_w, src_b = (np.asarray(r["per_image"]["bg_source_index_all"]) for r in (whole, base))
+    np.testing.assert_array_equal(src_w[first], src_b[first])
+    assert (np.delete(src_w, first, axis=0) != np.delete(src_b, first, axis=0)).any()
