@@ -208,9 +208,9 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         A finished scan in ``out`` is not recomputed; its analysis is redone with the current
         options.
     engine : str
-        Who runs the CAM pass: ``local`` (this process, default) or ``ray`` (Ray Data actors,
-        one model each; the ``[ray]`` extra). The stored result is the same; a scan begun on
-        one engine resumes on the other.
+        Who runs the CAM pass and the counterfactual pass: ``local`` (this process, default) or
+        ``ray`` (Ray Data actors, one model each; the ``[ray]`` extra). The stored result is the
+        same; a scan begun on one engine resumes on the other.
     ray_address : str, optional
         ``HOST:PORT`` of a running Ray cluster (``ray``; default: the Ray this process is
         connected to, ``RAY_ADDRESS``, or a local Ray started for the pass and shut down after).
@@ -265,7 +265,10 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
         post = dict(model=kmodel, target=target, ds=ds, geometry=(H, W, C), batch_size=batch_size,
                     preprocess=preprocess,
                     seed=seed, counterfactuals=counterfactuals, fail_on=fail_on,
-                    detector_options=detector_options, report=report, rep=rep)
+                    detector_options=detector_options, report=report, rep=rep,
+                    engine=dict(engine=engine, ray_address=ray_address, workers=workers,
+                                gpus_per_worker=gpus_per_worker, model_path=model_path,
+                                model_sha=model_sha, unsafe_model=unsafe_model))
         if old is not None and old.get("status") == "complete":
             rep.note(f"[green]{out}[/] already holds this CAM pass; redoing only the analysis")
             return _analyse_scan(load(out), **post) if analysis else load(out)
@@ -403,9 +406,12 @@ def _raw_heatmaps(heat, peaks) -> np.ndarray:
 
 
 def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, preprocess, seed,
-                  counterfactuals, fail_on, detector_options, report, rep) -> Scan:
+                  counterfactuals, fail_on, detector_options, report, rep, engine=None) -> Scan:
     """Clusters, projection, counterfactual tests and findings; rewrites the scan's table and
-    writes analysis.json, findings.json and summary.json."""
+    writes analysis.json, findings.json and summary.json. ``engine``: the scan's engine options
+    (``engine``, ``ray_address``, ``workers``, ``gpus_per_worker``) and its model file
+    (``model_path``, ``model_sha``, ``unsafe_model``): with ``engine="ray"`` the counterfactual
+    pass runs on Ray too."""
     from .analysis import analyse, fill_columns
     from .findings import Context, run_detectors
     from .summary import evaluate_gates, summarise
@@ -429,11 +435,14 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
         # them get an Only-BG image whether sampled or not
         predictions = np.full(len(ds), -1, np.int64)
         predictions[table["index"].to_numpy(np.int64)] = table["pred_idx"].to_numpy(np.int64)
-        cf = run_counterfactuals(model, ds, image_size=(H, W), channels=C, batch_size=batch_size,
-                                 preprocess=preprocess, seed=seed, target=target,
-                                 mixed_per_class=sample_size_for(0.03), predictions=predictions,
-                                 progress=rep)
+        with _counterfactual_runner(engine, model=model, target=target, rep=rep) as runner:
+            cf = run_counterfactuals(model, ds, image_size=(H, W), channels=C, batch_size=batch_size,
+                                     preprocess=preprocess, seed=seed, target=target,
+                                     mixed_per_class=sample_size_for(0.03), predictions=predictions,
+                                     runner=runner, progress=rep)
         timings["counterfactuals_s"] = time.perf_counter() - t
+        if isinstance(cf.get("method"), dict):
+            timings["counterfactuals_engine"] = cf["method"]["engine"]["name"]
     object_embedding = _object_embedding(cf, table)
     occlusion = _occlusion(model, ds, table, info, geometry=geometry, batch_size=batch_size,
                            preprocess=preprocess, seed=seed, options=detector_options, rep=rep,
@@ -477,6 +486,24 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
         result.meta.setdefault("timings", {})["report_s"] = time.perf_counter() - t
         write_json(out / "meta.json", result.meta)
     return result
+
+
+@contextlib.contextmanager
+def _counterfactual_runner(engine: dict | None, *, model, target, rep):
+    """The ``runner`` of the counterfactual pass: None (this process) unless the scan's engine is
+    ``ray``; then the Ray engine's, connected (or a local Ray started) for this pass alone."""
+    opts = dict(engine or {})
+    if opts.get("engine", "local") != "ray":
+        yield None
+        return
+    from .engines import open_engine
+
+    with open_engine("ray", ray_address=opts.get("ray_address"), workers=opts.get("workers"),
+                     gpus_per_worker=opts.get("gpus_per_worker"), progress=rep) as eng:
+        yield eng.counterfactuals(model=model, model_path=opts.get("model_path"),
+                                  model_sha=opts.get("model_sha"),
+                                  unsafe_model=bool(opts.get("unsafe_model")),
+                                  target_path=None if target is None else target.path)
 
 
 def _occlusion(model, ds, table, info, *, geometry, batch_size, preprocess, seed, options, rep,

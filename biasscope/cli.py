@@ -70,7 +70,7 @@ def scan(
                                                    help="Background-swap tests (default: on when masks exist).", show_default=False),
     report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html."),
     fail_on: Optional[List[str]] = typer.Option(None, "--fail-on", help="Exit 1 when this gate trips: a finding kind, severity>=X, or a summary figure like worst_group_acc<0.8. Repeatable.", show_default=False),
-    engine: Engine = typer.Option(Engine["local"], "--engine", help="Who runs the CAM pass: local (this process) or ray (Ray Data actors; pip install 'biasscope[ray]'). Same result either way."),
+    engine: Engine = typer.Option(Engine["local"], "--engine", help="Who runs the CAM pass and the counterfactual pass: local (this process) or ray (Ray Data actors; pip install 'biasscope[ray]'). Same result either way."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster (--engine ray; default: RAY_ADDRESS or a local Ray).", show_default=False),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray actors, one model each (default: one per CPU of the cluster).", show_default=False),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs each Ray actor reserves (default 0).", show_default=False),

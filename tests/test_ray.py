@@ -69,11 +69,16 @@ def _same_result(got, want):
     assert got.meta["fingerprint"] == want.meta["fingerprint"] or got.meta["model"]["path"] is None
 
 
-def _chunk_actors() -> dict:
-    """The ChunkActors Ray knows of, alive or dead: {actor id: record}."""
+def _actors(name: str) -> dict:
+    """The actors of class ``name`` Ray knows of, alive or dead: {actor id: record}."""
     from ray._private import state
 
-    return {aid: a for aid, a in state.actors().items() if "ChunkActor" in str(a.get("ActorClassName"))}
+    return {aid: a for aid, a in state.actors().items() if name in str(a.get("ActorClassName"))}
+
+
+def _chunk_actors() -> dict:
+    """The ChunkActors Ray knows of, alive or dead: {actor id: record}."""
+    return _actors("ChunkActor")
 
 
 def _alive(pid: int) -> bool:
@@ -135,6 +140,75 @@ def test_a_killed_worker_is_restarted_and_its_chunk_retried(cluster, data, tmp_p
     assert _chunk_actors()[killed["id"]]["NumRestarts"] >= 1  # Ray restarted the actor
     _same_result(got, local)
     assert got.meta["engine"]["chunks_run"] == N_CHUNKS
+
+
+CF_CHUNK_BATCHES = 2  # the counterfactual pass in chunks of 2 batches: 192 rows, 12 chunks
+
+
+@pytest.mark.slow
+def test_the_counterfactual_pass_on_ray_equals_local_with_a_killed_actor(cluster, data, tmp_path,
+                                                                         monkeypatch):
+    """A complete scan's analysis redone on each engine (the CAM pass is not redone): the Ray
+    engine runs the counterfactual chunks on two actors, one of them SIGKILLed once the first
+    chunk is in (restarted, its chunk retried, chunks arriving out of order); the result equals
+    the local engine's: the per-image arrays and class figures exactly, the object embeddings
+    to float32 tolerance."""
+    import shutil
+
+    from biasscope import api, counterfactuals
+    from biasscope.engines import ray as ray_engine
+
+    ds, model, local = data
+    monkeypatch.setattr(counterfactuals, "CHUNK_BATCHES", CF_CHUNK_BATCHES)
+    embeddings: list = []
+    real_embedding = api._object_embedding
+
+    def keep_embedding(cf, table):
+        embeddings.append(dict(cf["object_embedding"]))
+        return real_embedding(cf, table)
+
+    monkeypatch.setattr(api, "_object_embedding", keep_embedding)
+    before = set(_actors("CounterfactualActor"))
+    killed: dict = {}
+    real_call = ray_engine.RayCounterfactuals.__call__
+
+    def call_killing_one_actor(self, plan, specs, task):
+        class Task:
+            def advance(self, n):
+                task.advance(n)
+                alive = {aid: a for aid, a in _actors("CounterfactualActor").items()
+                         if aid not in before and a["State"] == "ALIVE"}
+                if alive and not killed:
+                    aid, actor = sorted(alive.items())[0]
+                    killed.update(id=aid, pid=int(actor["Pid"]), was_alive=_alive(int(actor["Pid"])))
+                    os.kill(killed["pid"], signal.SIGKILL)
+        return real_call(self, plan, specs, Task())
+
+    monkeypatch.setattr(ray_engine.RayCounterfactuals, "__call__", call_killing_one_actor)
+    opts = {**SCAN, "analysis": True, "report": False}
+    results = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        shutil.copytree(local.path, out)
+        t = time.perf_counter()
+        biasscope.scan(model, ds, out=out, engine=engine, **opts)
+        results[engine] = json.loads((out / "analysis.json").read_text())
+        print(f"\nanalysis on the {engine} engine: {time.perf_counter() - t:.1f} s")
+    want, got = (results[e]["counterfactuals"] for e in ("local", "ray"))
+    assert want["method"]["chunks"]["n"] == N_CHUNKS and want["method"]["engine"] == {"name": "local"}
+    eng = got["method"]["engine"]
+    assert eng["name"] == "ray" and eng["workers"] == 2 and eng["chunks_run"] == N_CHUNKS
+    assert results["ray"]["timings"]["counterfactuals_engine"] == "ray"
+    assert killed.get("was_alive"), f"no actor was killed during the counterfactual pass: {killed}"
+    assert not _alive(killed["pid"]) and _actors("CounterfactualActor")[killed["id"]]["NumRestarts"] >= 1
+    assert got["n_with_mask"] == want["n_with_mask"] == 191  # one image undecodable
+    for key in want["per_image"]:
+        np.testing.assert_array_equal(got["per_image"][key], want["per_image"][key], err_msg=key)
+    assert got["classes"] == want["classes"]
+    (emb_local, emb_ray) = embeddings
+    np.testing.assert_array_equal(emb_ray["index"], emb_local["index"])
+    assert emb_ray["layer"] == emb_local["layer"]
+    np.testing.assert_allclose(emb_ray["features"], emb_local["features"], rtol=1e-5, atol=1e-6)
 
 
 RUNNER = textwrap.dedent("""

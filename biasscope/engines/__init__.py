@@ -1,9 +1,13 @@
-"""Engines of the CAM pass: who runs the per-batch kernel over the images still to do.
+"""Engines of the CAM pass and the counterfactual pass: who runs the per-batch kernel over the
+images still to do.
 
 ``local`` (the default) runs it in this process; ``ray`` (:mod:`biasscope.engines.ray`, the
 ``[ray]`` extra) on Ray Data actors, one model each, one store chunk per work item. Both feed
 the same :class:`~biasscope.store.ChunkWriter` in index order, so the stored scan, its resume
-and its result do not depend on the engine (DESIGN section 11). Ray is imported only by
+and its result do not depend on the engine (DESIGN section 11). The counterfactual pass is cut
+into chunks of whole batches, each with its own pairing RNG
+(:func:`biasscope.counterfactuals.run_chunk`): the local engine runs them one after another,
+the Ray engine on its actors, with the same result. Ray is imported only by
 ``biasscope.engines.ray``, and that module only when ``engine="ray"`` is asked for.
 """
 

@@ -1,4 +1,5 @@
-"""The Ray engine (``--engine ray``, the ``[ray]`` extra): the CAM pass on Ray Data actors.
+"""The Ray engine (``--engine ray``, the ``[ray]`` extra): the CAM pass and the counterfactual
+pass on Ray Data actors.
 
 The driver (the ``scan`` process) makes one work item per store chunk still to do (chunk k is
 rows ``[k * chunk_size, (k + 1) * chunk_size)``) and maps them with
@@ -19,6 +20,16 @@ so they are left to that default, and ``tests/test_ray.py`` kills an actor to ho
 Ray restarts the actor (its ``__init__`` runs again: the model is reloaded) and resubmits the
 chunk it was working on; a chunk is a pure function of its rows, so a retried chunk is the same
 chunk.
+
+The counterfactual pass (:class:`RayCounterfactuals`, a ``runner`` of
+:func:`biasscope.counterfactuals.run_counterfactuals`) works the same way: the driver plans
+the rows (:func:`~biasscope.counterfactuals.plan_counterfactuals`, shipped to every actor) and
+makes one work item per counterfactual chunk; each :class:`CounterfactualActor` loads the model
+once, finds the target layer again by its path and compiles the three steps once; per item it
+runs :func:`~biasscope.counterfactuals.run_chunk` (the local engine's code: the same padded
+batches and the chunk's own pairing RNG) and returns the chunk's per-row arrays. The driver
+keeps them by chunk index and aggregates them in chunk order, as the local engine does. A
+killed actor is restarted and its chunk retried as above.
 
 Files are read by path: the model file, the images and the masks must be readable at the same
 paths on every node (a local Ray, or a shared file system). A model given as an object is saved
@@ -175,7 +186,6 @@ class RayEngine:
     def run(self, job: PassJob, cam, writer, task, reasons) -> PassStats:
         """The chunks from ``writer.next_chunk`` on, computed by the actors and stored in index
         order; ``task`` advances as chunks arrive."""
-        ray = self.ray
         n, cs = len(job.ds), int(job.chunk_size)
         first = writer.next_chunk
         items = [{"chunk": k, "lo": k * cs, "hi": min((k + 1) * cs, n)} for k in range(first, writer.n_chunks)]
@@ -190,28 +200,19 @@ class RayEngine:
 
         t0 = time.perf_counter()
         if items:
-            with _model_file(job, cam.model) as model_file:
+            with _model_file(job.model_path, cam.model) as model_file:
                 spec = {"model_file": str(model_file), "unsafe_model": job.unsafe_model,
                         "model_sha": job.model_sha if job.model_path is not None else None,
                         "method": job.method, "cam_options": job.cam_options, "layer": job.layer,
                         "geometry": tuple(job.geometry), "batch_size": job.batch_size,
                         "preprocess": job.preprocess, "ds": job.ds,
                         "threads": max(1, int(self.cpus_per_worker))}
-                remote_args = {"num_gpus": self.gpus_per_worker} if self.gpus_per_worker else {}
-                mapped = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                    ChunkActor, batch_size=1, batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=self.workers),
-                    num_cpus=self.cpus_per_worker, fn_constructor_kwargs={"spec": spec}, **remote_args)
                 pending: dict = {}
                 nxt, pids = first, set()
                 wait = store = 0.0
                 t = time.perf_counter()
-                # the scan shows its own progress; Ray Data's bars and plan are restored after
-                ctx = ray.data.DataContext.get_current()
-                saved = ctx.enable_progress_bars, ctx.print_on_execution_start
-                ctx.enable_progress_bars = ctx.print_on_execution_start = False
-                try:
-                    for row in mapped.iter_rows():
+                with self._mapped(items, ChunkActor, spec) as rows:
+                    for row in rows:
                         wait += time.perf_counter() - t
                         k = int(row["chunk"])
                         pending[k] = row
@@ -229,18 +230,87 @@ class RayEngine:
                             nxt += 1
                         store += time.perf_counter() - t
                         t = time.perf_counter()
-                except Exception as exc:
-                    err = _biasscope_error(exc)
-                    if err is not None:
-                        raise BiasscopeError(err) from None
-                    raise
-                finally:
-                    ctx.enable_progress_bars, ctx.print_on_execution_start = saved
                 stats.extra = {"driver_wait_s": wait, "driver_store_s": store}
                 stats.engine["actor_pids"] = sorted(pids)
         writer.close(skip_reasons)
         stats.extra["ray_pass_s"] = time.perf_counter() - t0
         return stats
+
+    @contextlib.contextmanager
+    def _mapped(self, items: list, actor_cls, spec: dict):
+        """The rows ``actor_cls`` returns for ``items`` (one work item each, in whatever order
+        they finish), on an actor pool of ``self.workers``; Ray Data's own progress bars and
+        plan are off meanwhile (the scan shows its own) and an actor's BiasscopeError reaches
+        the caller as itself."""
+        ray = self.ray
+        remote_args = {"num_gpus": self.gpus_per_worker} if self.gpus_per_worker else {}
+        mapped = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            actor_cls, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=self.cpus_per_worker, fn_constructor_kwargs={"spec": spec}, **remote_args)
+        ctx = ray.data.DataContext.get_current()
+        saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+        ctx.enable_progress_bars = ctx.print_on_execution_start = False
+        try:
+            yield mapped.iter_rows()
+        except Exception as exc:
+            err = _biasscope_error(exc)
+            if err is not None:
+                raise BiasscopeError(err) from None
+            raise
+        finally:
+            ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+    def counterfactuals(self, *, model, model_path, model_sha: str, unsafe_model: bool,
+                        target_path: str | None) -> "RayCounterfactuals":
+        """A ``runner`` for :func:`biasscope.counterfactuals.run_counterfactuals`: its chunks
+        on this engine's actors."""
+        return RayCounterfactuals(self, model=model, model_path=model_path, model_sha=model_sha,
+                                  unsafe_model=unsafe_model, target_path=target_path)
+
+
+class RayCounterfactuals:
+    """The counterfactual pass's chunks on Ray Data actors (:class:`CounterfactualActor`, one
+    model and one set of compiled steps each, one chunk per work item); the results are
+    collected by chunk index, so the order they finish in does not matter."""
+
+    def __init__(self, engine: RayEngine, *, model, model_path, model_sha: str, unsafe_model: bool,
+                 target_path: str | None):
+        self.engine, self.model, self.model_path = engine, model, model_path
+        self.model_sha, self.unsafe_model, self.target_path = model_sha, unsafe_model, target_path
+        self.chunks_run = 0
+        self.actor_pids: list[int] = []
+        self.elapsed_s: float | None = None
+
+    @property
+    def info(self) -> dict:
+        e = self.engine
+        return {"name": "ray", "workers": e.workers, "address": e.address,
+                "gpus_per_worker": e.gpus_per_worker, "cpus_per_worker": e.cpus_per_worker,
+                "local_ray": e.started, "chunks_run": self.chunks_run, "actor_pids": self.actor_pids,
+                "ray_pass_s": self.elapsed_s}
+
+    def __call__(self, plan, specs: list, task) -> dict:
+        t0 = time.perf_counter()
+        got: dict = {}
+        pids: set = set()
+        if specs:
+            with _model_file(self.model_path, self.model) as model_file:
+                spec = {"model_file": str(model_file), "unsafe_model": self.unsafe_model,
+                        "model_sha": self.model_sha if self.model_path is not None else None,
+                        # pickled here, loaded in the actor once TensorFlow's threads are set
+                        # (the plan's module imports TensorFlow)
+                        "target": self.target_path, "plan": self.engine.ray.cloudpickle.dumps(plan),
+                        "threads": max(1, int(self.engine.cpus_per_worker))}
+                with self.engine._mapped(specs, CounterfactualActor, spec) as rows:
+                    for row in rows:
+                        k = int(row["chunk"])
+                        got[k] = unpack_arrays(row["data"])
+                        pids.add(int(row["pid"]))
+                        task.advance(specs[k]["hi"] - specs[k]["lo"])
+        self.chunks_run, self.actor_pids = len(got), sorted(pids)
+        self.elapsed_s = round(time.perf_counter() - t0, 3)
+        return got
 
 
 def _biasscope_error(exc: BaseException) -> str | None:
@@ -264,11 +334,11 @@ def _biasscope_error(exc: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def _model_file(job: PassJob, model):
+def _model_file(model_path, model):
     """The model file the actors load: the scan's own, or a temporary ``.keras`` of an
     in-memory model (removed afterwards)."""
-    if job.model_path is not None:
-        yield Path(job.model_path).resolve()
+    if model_path is not None:
+        yield Path(model_path).resolve()
         return
     tmp = Path(tempfile.mkdtemp(prefix="biasscope-ray-model-"))
     try:
@@ -303,32 +373,57 @@ def unpack_chunk(blob) -> tuple[dict, np.ndarray, np.ndarray, PassStats, dict]:
     return cols, cam_p, cam_t, PassStats.from_dict(meta["stats"]), why
 
 
+def _start_tf(threads: int):
+    """TensorFlow in an actor: ``threads`` intra- and inter-op threads (the actors share the
+    machine's cores; set before TensorFlow starts where it has not yet), GPU memory grown on
+    demand (actors sharing a GPU must not each take all of it)."""
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(threads))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .._tf import import_tf
+
+    tf = import_tf()
+    with contextlib.suppress(RuntimeError):  # already initialised in this process
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    return tf
+
+
+def _load_model_checked(spec: dict):
+    """The model of ``spec["model_file"]``, refused if the file changed since the scan read it."""
+    from ..model import load_model, model_fingerprint
+
+    path = Path(spec["model_file"])
+    if spec["model_sha"] is not None and model_fingerprint(None, path) != spec["model_sha"]:
+        raise BiasscopeError(f"{path} changed since the scan began; run the scan again")
+    return load_model(path, unsafe=spec["unsafe_model"])
+
+
+def pack_arrays(arrays: dict | None) -> bytes:
+    """Named numpy arrays as an .npz (no pickle); None as an empty one."""
+    buf = io.BytesIO()
+    np.savez(buf, **(arrays or {}))
+    return buf.getvalue()
+
+
+def unpack_arrays(blob) -> dict | None:
+    with np.load(io.BytesIO(bytes(blob)), allow_pickle=False) as z:
+        got = {k: z[k] for k in z.files}
+    return got or None
+
+
 class ChunkActor:
     """A Ray Data actor: one model and one traced CAM engine; one store chunk per call."""
 
     def __init__(self, spec: dict):
-        threads = str(spec["threads"])
-        # before TensorFlow starts: the actors share the machine's cores
-        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", threads)
-        os.environ.setdefault("TF_NUM_INTEROP_THREADS", threads)
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        from .._tf import import_tf
-
-        tf = import_tf()
-        with contextlib.suppress(RuntimeError):  # already initialised in this process
-            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-            tf.config.threading.set_inter_op_parallelism_threads(int(threads))
-        # actors sharing a GPU (--gpus-per-worker 0.5) must not each take all of its memory
-        for gpu in tf.config.list_physical_devices("GPU"):
-            with contextlib.suppress(RuntimeError):
-                tf.config.experimental.set_memory_growth(gpu, True)
+        _start_tf(int(spec["threads"]))
         from ..cams import make_cam
-        from ..model import find_layer, load_model, model_fingerprint, output_head, target_layers
+        from ..model import find_layer, output_head, target_layers
 
-        path = Path(spec["model_file"])
-        if spec["model_sha"] is not None and model_fingerprint(None, path) != spec["model_sha"]:
-            raise BiasscopeError(f"{path} changed since the scan began; run the scan again")
-        model = load_model(path, unsafe=spec["unsafe_model"])
+        model = _load_model_checked(spec)
         geometry = tuple(spec["geometry"])
         target = find_layer(model, spec["layer"], target_layers(model, geometry), input_shape=geometry)
         self.cam = make_cam(spec["method"], model, target, output_head(model), batch_size=spec["batch_size"],
@@ -360,3 +455,34 @@ class ChunkActor:
         blob = pack_chunk(cols, cam_p, cam_t, stats, why)
         return {"chunk": np.array([k]), "pid": np.array([self.pid]),
                 "data": np.array([blob], dtype=object)}
+
+
+class CounterfactualActor:
+    """A Ray Data actor of the counterfactual pass: the model (loaded once, by path), its target
+    layer (for the object embedding, found again by path) and the three compiled steps
+    (:class:`biasscope.counterfactuals.CounterfactualSteps`); one chunk of the plan per call
+    (:func:`biasscope.counterfactuals.run_chunk`)."""
+
+    def __init__(self, spec: dict):
+        _start_tf(int(spec["threads"]))
+        from ..counterfactuals import CounterfactualSteps
+        from ..model import find_layer, target_layers
+
+        import pickle
+
+        model = _load_model_checked(spec)
+        self.plan = plan = pickle.loads(spec["plan"])
+        geometry = (*plan.image_size, plan.channels)
+        target = None
+        if spec["target"] is not None:
+            target = find_layer(model, spec["target"], target_layers(model, geometry), input_shape=geometry)
+        self.steps = CounterfactualSteps(model, plan, target=target)
+        self.pid = os.getpid()
+
+    def __call__(self, batch: dict) -> dict:
+        from ..counterfactuals import run_chunk
+
+        k, lo, hi = (int(batch[name][0]) for name in ("chunk", "lo", "hi"))
+        got = run_chunk(self.steps, self.plan, k, lo, hi)
+        return {"chunk": np.array([k]), "pid": np.array([self.pid]),
+                "data": np.array([pack_arrays(got)], dtype=object)}
