@@ -539,7 +539,7 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         raise BiasscopeError(f"counterfactuals: no result for chunk(s) {missing[:5]}")
     engine = dict(getattr(runner, "info", None) or {"name": "local"})
     return aggregate_counterfactuals(plan, ds, [got[s["chunk"]] for s in specs],
-                                     n_classes=output_head_classes(model), n_boot=n_boot,
+                                     n_classes=_classifier(model)[1].n_classes, n_boot=n_boot,
                                      target_path=None if target is None else target.path,
                                      engine=engine, t0=t0)
 
@@ -623,10 +623,10 @@ def plan_counterfactuals(ds: Dataset, *, image_size, channels: int, batch_size: 
     perm = np.random.default_rng([int(seed), 0]).permutation(rows.size)
     sampled = stratified_sample(ds.table, rows, mixed_per_class, ds.attributes, seed)[perm]
     shuffled = rows[perm]
+    labels_all = ds.table["label_idx"].to_numpy(np.int64)
     if predictions is None:
         bg_rows = np.ones(rows.size, bool)  # originals unknown: Only-BG everywhere
     else:  # Only-BG on the sample and on every mistake (the explanations read those)
-        labels_all = ds.table["label_idx"].to_numpy(np.int64)
         bg_rows = sampled | ((predictions[shuffled] >= 0) & (predictions[shuffled] != labels_all[shuffled]))
     # the Mixed-Rand sample first, then the other rows that get an Only-BG image, then the rest:
     # batches past the sample skip the draws, batches past the Only-BG rows skip the fill
@@ -634,7 +634,7 @@ def plan_counterfactuals(ds: Dataset, *, image_size, channels: int, batch_size: 
     order = np.concatenate([shuffled[g] for g in groups])
     n_draw_rows, n_bg_rows = int(sampled.sum()), int(bg_rows.sum())
     # draws per object: enough for about ``mixed_per_class`` draws per class, 1..draws
-    lab_sorted = ds.table["label_idx"].to_numpy(np.int64)[order[:n_draw_rows]]
+    lab_sorted = labels_all[order[:n_draw_rows]]
     per_class_n = np.bincount(lab_sorted, minlength=1) if n_draw_rows else np.zeros(1, np.int64)
     if mixed_per_class is None:
         draws_for = np.full(len(per_class_n), R)
@@ -671,7 +671,6 @@ class CounterfactualSteps:
         dilate = plan.dilate
         forward = compiled_forward(model, batch_size=B, input_shape=(H, W, C), preprocess=plan.preprocess)
         classify, head = _classifier(model)
-        self.n_classes = head.n_classes
 
         def predict(x):
             return classify(forward(x))
@@ -679,7 +678,7 @@ class CounterfactualSteps:
         mask_spec = tf.TensorSpec((B, H, W), tf.bool)
 
         pre = resolve_preprocess(plan.preprocess)
-        self.with_orig = with_orig = plan.pred_sorted is None
+        with_orig = plan.pred_sorted is None
 
         def only_fg_pass(images, masks):
             fg = only_foreground(images, masks)
@@ -763,11 +762,6 @@ def run_chunk(steps: CounterfactualSteps, plan: CounterfactualPlan, chunk: int, 
     if not parts["pos"]:
         return None
     return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def output_head_classes(model) -> int:
-    """The number of classes the model's head tells apart."""
-    return _classifier(model)[1].n_classes
 
 
 def aggregate_counterfactuals(plan: CounterfactualPlan, ds: Dataset, chunks: list, *, n_classes: int,

@@ -30,7 +30,7 @@ def run_batches(cam, pipe, ds, sink, stats: PassStats | None = None) -> PassStat
         t = time.perf_counter()
         idx = batch["index"].numpy()
         valid = idx >= 0
-        check_mask_geometry(batch, idx[valid], mask_files, paths, stats)
+        check_mask_geometry(batch, valid, idx[valid], mask_files, paths, stats)
         cols, cam_p, cam_t = batch_rows(res, idx, batch["mask"].numpy(), batch["has_mask"].numpy(),
                                         label_idx_all[idx[valid]])
         sink(cols, cam_p, cam_t)
@@ -57,14 +57,14 @@ def run_batches(cam, pipe, ds, sink, stats: PassStats | None = None) -> PassStat
     return stats
 
 
-def check_mask_geometry(batch, idx: np.ndarray, mask_files: np.ndarray, paths: np.ndarray,
-                        stats: PassStats) -> None:
+def check_mask_geometry(batch, valid: np.ndarray, idx: np.ndarray, mask_files: np.ndarray,
+                        paths: np.ndarray, stats: PassStats) -> None:
     """Masks are resized to the image geometry; count them and note (up to 10) the images whose
-    mask has another aspect ratio. ``idx``: the batch's valid rows."""
+    mask has another aspect ratio. ``valid``: the batch's real (unpadded) rows, ``idx`` their
+    dataset indices."""
     has_file = mask_files[idx] != ""
     if not has_file.any():
         return
-    valid = batch["index"].numpy() >= 0
     ihw = batch["image_hw"].numpy()[valid][has_file].astype(np.float64)
     mhw = batch["mask_hw"].numpy()[valid][has_file].astype(np.float64)
     resized = np.any(ihw != mhw, axis=1)

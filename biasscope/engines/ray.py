@@ -201,12 +201,10 @@ class RayEngine:
         t0 = time.perf_counter()
         if items:
             with _model_file(job.model_path, cam.model) as model_file:
-                spec = {"model_file": str(model_file), "unsafe_model": job.unsafe_model,
-                        "model_sha": job.model_sha if job.model_path is not None else None,
+                spec = {**self._model_spec(model_file, job.model_path, job.model_sha, job.unsafe_model),
                         "method": job.method, "cam_options": job.cam_options, "layer": job.layer,
                         "geometry": tuple(job.geometry), "batch_size": job.batch_size,
-                        "preprocess": job.preprocess, "ds": job.ds,
-                        "threads": max(1, int(self.cpus_per_worker))}
+                        "preprocess": job.preprocess, "ds": job.ds}
                 pending: dict = {}
                 nxt, pids = first, set()
                 wait = store = 0.0
@@ -235,6 +233,13 @@ class RayEngine:
         writer.close(skip_reasons)
         stats.extra["ray_pass_s"] = time.perf_counter() - t0
         return stats
+
+    def _model_spec(self, model_file, model_path, model_sha, unsafe_model) -> dict:
+        """What every actor needs to load the model (the sha is checked for a model file the
+        scan read; a temporary file of an in-memory model has none) and its TensorFlow threads."""
+        return {"model_file": str(model_file), "unsafe_model": unsafe_model,
+                "model_sha": model_sha if model_path is not None else None,
+                "threads": max(1, int(self.cpus_per_worker))}
 
     @contextlib.contextmanager
     def _mapped(self, items: list, actor_cls, spec: dict):
@@ -296,12 +301,11 @@ class RayCounterfactuals:
         pids: set = set()
         if specs:
             with _model_file(self.model_path, self.model) as model_file:
-                spec = {"model_file": str(model_file), "unsafe_model": self.unsafe_model,
-                        "model_sha": self.model_sha if self.model_path is not None else None,
+                spec = {**self.engine._model_spec(model_file, self.model_path, self.model_sha,
+                                                  self.unsafe_model),
                         # pickled here, loaded in the actor once TensorFlow's threads are set
                         # (the plan's module imports TensorFlow)
-                        "target": self.target_path, "plan": self.engine.ray.cloudpickle.dumps(plan),
-                        "threads": max(1, int(self.engine.cpus_per_worker))}
+                        "target": self.target_path, "plan": self.engine.ray.cloudpickle.dumps(plan)}
                 with self.engine._mapped(specs, CounterfactualActor, spec) as rows:
                     for row in rows:
                         k = int(row["chunk"])
