@@ -35,14 +35,19 @@ def _decode(path, channels):
 
 
 def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: int,
-                  start: int = 0, stop: int | None = None) -> tf.data.Dataset:
+                  start: int = 0, stop: int | None = None,
+                  chunk_rows: int | None = None) -> tf.data.Dataset:
     """Batches of dicts: index, image (B,H,W,C) float32 0..255, mask (B,H,W) bool, has_mask,
     image_hw and mask_hw (original sizes, for the aspect-ratio check), over the rows
-    ``start:stop`` (an engine's chunk; default to the end)."""
+    ``start:stop`` (an engine's chunk; default to the end).
+
+    With ``chunk_rows``, the rows are cut into chunks of that many from ``start`` and no batch
+    spans two chunks (each chunk's last batch is padded): the batches of one pipeline over
+    several chunks are those of one pipeline per chunk, without building one per chunk."""
     H, W = (int(s) for s in image_size)
     stop = len(ds) if stop is None else min(int(stop), len(ds))
     if ds.arrays is not None:
-        return _array_pipeline(ds, H, W, channels, batch_size, start, stop)
+        return _array_pipeline(ds, H, W, channels, batch_size, start, stop, chunk_rows)
     t = ds.table.iloc[start:stop]
     box = t[["x0", "y0", "x1", "y1"]].to_numpy(dtype="float32")
     src = tf.data.Dataset.from_tensor_slices({
@@ -95,11 +100,13 @@ def make_pipeline(ds: Dataset, *, image_size: tuple, channels: int, batch_size: 
             "mask_hw": mhw,
         }
 
-    return _batched(src.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors(),
-                    batch_size)
+    return _batched(src, lambda d: d.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+                    .ignore_errors(), batch_size, chunk_rows)
 
 
-def _batched(ds, batch_size):
+def _batched(src, elements, batch_size, chunk_rows=None):
+    """``elements(src)`` (the loaded elements) in padded batches, within chunks of
+    ``chunk_rows`` source elements when given."""
     @tf.autograph.experimental.do_not_convert
     def pad(batch):
         extra = batch_size - tf.shape(batch["index"])[0]
@@ -111,12 +118,19 @@ def _batched(ds, batch_size):
 
         return {k: pad_one(k, v) for k, v in batch.items()}
 
+    def batches(d):
+        return elements(d).batch(batch_size).map(pad, num_parallel_calls=1)
+
+    if chunk_rows is None:
+        out = batches(src)
+    else:  # each chunk's source elements as one element, then loaded and batched on their own
+        out = src.batch(int(chunk_rows)).flat_map(lambda d: batches(tf.data.Dataset.from_tensor_slices(d)))
     opts = tf.data.Options()
     opts.deterministic = True
-    return ds.batch(batch_size).map(pad, num_parallel_calls=1).prefetch(2).with_options(opts)
+    return out.prefetch(2).with_options(opts)
 
 
-def _array_pipeline(ds, H, W, channels, batch_size, start, stop):
+def _array_pipeline(ds, H, W, channels, batch_size, start, stop, chunk_rows=None):
     """In-memory images: the same elements as from files, without decoding."""
     images = ds.arrays["images"][start:stop]
     masks = ds.arrays["masks"]
@@ -145,7 +159,8 @@ def _array_pipeline(ds, H, W, channels, batch_size, start, stop):
             "image_hw": hw, "mask_hw": hw,
         }
 
-    return _batched(src.map(load, num_parallel_calls=AUTOTUNE, deterministic=True), batch_size)
+    return _batched(src, lambda d: d.map(load, num_parallel_calls=AUTOTUNE, deterministic=True),
+                    batch_size, chunk_rows)
 
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),

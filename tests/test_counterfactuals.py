@@ -372,3 +372,43 @@ def test_chunks_are_whole_batches_with_their_own_rng_and_any_runner_gives_the_sa
     src_w, src_b = (np.asarray(r["per_image"]["bg_source_index_all"]) for r in (whole, base))
     np.testing.assert_array_equal(src_w[first], src_b[first])
     assert (np.delete(src_w, first, axis=0) != np.delete(src_b, first, axis=0)).any()
+
+
+def test_one_pipeline_over_many_chunks_gives_each_chunks_own_batches(image_set):
+    """The local runner reads all chunks through one pipeline (``chunk_rows``): its batches are
+    exactly those of one pipeline per chunk, also when an image in the middle of a chunk cannot
+    be decoded (the chunk's batches close up, the next chunk starts on its own batch), and the
+    counterfactual result is the same as with a pipeline per chunk."""
+    from conftest import make_cnn
+
+    from biasscope.counterfactuals import CounterfactualSteps, run_chunk
+    from biasscope.pipeline import make_pipeline
+
+    (image_set / "images" / "square" / "square_002.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    ds = load_dataset(image_set, n_outputs=3)
+    geo = dict(image_size=(32, 32), channels=3, batch_size=4)
+
+    def batches(pipe):
+        return [{k: v.numpy() for k, v in b.items()} for b in pipe]
+
+    whole = batches(make_pipeline(ds, **geo, start=0, stop=len(ds), chunk_rows=8))
+    apart = [b for lo in range(0, len(ds), 8) for b in batches(make_pipeline(ds, **geo, start=lo, stop=lo + 8))]
+    # chunks of 8, 7 (index 8 unreadable) and 2 rows: 2 + 2 + 1 batches, the last two padded
+    assert len(whole) == len(apart) == 5
+    assert whole[3]["index"].tolist() == [13, 14, 15, -1] and whole[4]["index"].tolist() == [16, 17, -1, -1]
+    for a, b in zip(whole, apart):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    model = make_cnn()
+
+    def per_chunk(plan, specs, task):
+        steps = CounterfactualSteps(model, plan)
+        return {s["chunk"]: run_chunk(steps, plan, **s) for s in specs}
+
+    run = dict(image_size=(32, 32), channels=3, batch_size=8, n_boot=50, progress=False, chunk_batches=1)
+    local = run_counterfactuals(model, ds, **run)
+    other = run_counterfactuals(model, ds, runner=per_chunk, **run)
+    assert local["method"]["chunks"]["n"] == 3 and local["n_with_mask"] == 17
+    assert local["per_image"] == other["per_image"] and local["classes"] == other["classes"]
