@@ -1,5 +1,6 @@
 """`scan` on every keras.applications architecture (weights=None), bare and as a nested transfer
-model, and every gradient CAM method on the same target layer."""
+model, and every gradient CAM method on the same target layer (bare: all nine; nested: see
+NESTED_METHOD_CHECK)."""
 
 import keras
 import numpy as np
@@ -19,6 +20,10 @@ ARCHS = {  # name -> input size giving a final feature map larger than 1x1
     "Xception": 96, "ResNet50": 64, "MobileNetV2": 64, "MobileNetV3Small": 64, "EfficientNetB0": 64,
     "DenseNet121": 64, "InceptionV3": 139, "VGG16": 64, "ConvNeXtTiny": 64,
 }
+# The nested variant checks every method's formula on two common transfer bases only: the maps
+# come from the same capture as the bare model's (checked on all nine), and the nested capture
+# itself is checked against a hand-written Grad-CAM in tests/test_cams.py.
+NESTED_METHOD_CHECK = {"MobileNetV2", "ResNet50"}
 EXPECTED_LAYER = {  # the conventional Grad-CAM layer of each architecture
     "Xception": "block14_sepconv2_act", "ResNet50": "conv5_block3_out", "MobileNetV2": "out_relu",
     "EfficientNetB0": "top_activation", "DenseNet121": "relu", "InceptionV3": "mixed10",
@@ -127,4 +132,5 @@ def test_nested_transfer_architecture(arch, image_set, tmp_path):
     if arch in EXPECTED_LAYER:
         assert s.meta["layer"] == f"{base.name}/{EXPECTED_LAYER[arch]}"
     _check(s, 6, size)
-    _check_methods(model, s.meta["layer"], size)
+    if arch in NESTED_METHOD_CHECK:
+        _check_methods(model, s.meta["layer"], size)
