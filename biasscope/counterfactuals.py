@@ -189,10 +189,12 @@ def _shifts(H: int, W: int) -> list:
 
 
 def _shift_sources(H: int, W: int) -> np.ndarray:
-    """For each shift of :func:`_shifts` (rows) the flat index of the pixel each pixel copies
-    from, as ``tf.roll(x, (dy, dx))`` would (wrapping round). Shape (S, H*W), int32."""
+    """For each pixel (rows, flat) and each shift of :func:`_shifts` (columns) the flat index of
+    the pixel it copies from, as ``tf.roll(x, (dy, dx))`` would (wrapping round). Shape
+    (H*W, S), int32."""
     y, x = np.mgrid[:H, :W]
-    return np.stack([(((y - dy) % H) * W + (x - dx) % W).ravel() for dy, dx in _shifts(H, W)]).astype(np.int32)
+    return np.stack([(((y - dy) % H) * W + (x - dx) % W).ravel() for dy, dx in _shifts(H, W)],
+                    axis=1).astype(np.int32)
 
 
 def fill_background(images, masks, *, dilate: int = 2):
@@ -233,7 +235,7 @@ def fill_background(images, masks, *, dilate: int = 2):
     hole_flat = tf.reshape(hole, (-1,))
     at = tf.cast(tf.where(hole_flat)[:, 0], tf.int32)
     base = (at // HW) * HW
-    src = tf.gather(tf.constant(_shift_sources(H, W).T.copy()), at - base) + base[:, None]  # (n, S)
+    src = tf.gather(tf.constant(_shift_sources(H, W)), at - base) + base[:, None]  # (n, S)
     bg_src = tf.logical_not(tf.gather(hole_flat, src))
     first = tf.argmax(tf.cast(bg_src, tf.int32), axis=1, output_type=tf.int32)
     found = tf.reduce_any(bg_src, axis=1)
@@ -779,9 +781,8 @@ def run_chunks(steps: CounterfactualSteps, plan: CounterfactualPlan, specs: list
         return {}
     out = {s["chunk"]: None for s in specs}
     spec_of = {s["chunk"]: s for s in specs}
-    first = specs[0]
     pipe = make_pipeline(plan.sub, image_size=plan.image_size, channels=plan.channels,
-                         batch_size=plan.batch_size, start=int(first["lo"]), stop=int(specs[-1]["hi"]),
+                         batch_size=plan.batch_size, start=int(specs[0]["lo"]), stop=int(specs[-1]["hi"]),
                          chunk_rows=plan.chunk_rows)
 
     def chunk_of(batch) -> int:  # every batch holds at least one real row of its chunk
