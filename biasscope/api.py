@@ -6,6 +6,7 @@ Everything the CLI does is reachable from here; the CLI only parses options and 
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 import errno
 import platform
 import shutil
@@ -311,9 +312,18 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             t_pass = time.perf_counter()
             if start:
                 rep.note(f"resuming at image {start:,} of {len(ds):,} ({writer.next_chunk} chunk(s) already stored)")
+            # the local pass keeps its decoded inputs (when exact and small enough) for the
+            # counterfactual pass, which then reads no file again
+            keep = None
+            if runner.name == "local" and ds.arrays is None and not start:
+                from .decoded import DecodedInputs
+
+                keep = DecodedInputs.create(len(ds), H, W, C)
             with rep.task(runner.label(METHOD_LABELS.get(method, method)), total=len(ds)) as task:
                 task.advance(start)
-                stats = runner.run(job, cam, writer, task, reasons)
+                stats = (runner.run(job, cam, writer, task, reasons) if keep is None
+                         else runner.run(job, cam, writer, task, reasons, keep=keep))
+            post["inputs"] = keep
         pass_s = time.perf_counter() - t_pass
         table, skipped = writer.assemble(out, ds.table.drop(columns=["file", "mask_file"]))
         table.insert(table.columns.get_loc("pred_idx"), "pred", names[table["pred_idx"].to_numpy()])
@@ -406,43 +416,58 @@ def _raw_heatmaps(heat, peaks) -> np.ndarray:
 
 
 def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, preprocess, seed,
-                  counterfactuals, fail_on, detector_options, report, rep, engine=None) -> Scan:
+                  counterfactuals, fail_on, detector_options, report, rep, engine=None,
+                  inputs=None) -> Scan:
     """Clusters, projection, counterfactual tests and findings; rewrites the scan's table and
     writes analysis.json, findings.json and summary.json. ``engine``: the scan's engine options
     (``engine``, ``ray_address``, ``workers``, ``gpus_per_worker``) and its model file
     (``model_path``, ``model_sha``, ``unsafe_model``): with ``engine="ray"`` the counterfactual
-    pass runs on Ray too."""
+    pass runs on Ray too. ``inputs``: the CAM pass's decoded images
+    (:class:`~biasscope.decoded.DecodedInputs`), read by a local counterfactual pass."""
     from .analysis import analyse, fill_columns
     from .findings import Context, run_detectors
     from .summary import evaluate_gates, summarise
 
     out, table, timings = result.path, result.table, {}
-    t = time.perf_counter()
-    with rep.task("analysis: clusters and 2-D map", total=None, unit="step"):
-        columns, info = analyse(table, result.heatmaps, seed=seed, classes=ds.classes,
-                                attributes=ds.attributes)
-    table = fill_columns(table, columns)
-    timings["analysis_s"] = time.perf_counter() - t
+
+    def clusters_and_map():
+        t = time.perf_counter()
+        got = analyse(table, result.heatmaps, seed=seed, classes=ds.classes, attributes=ds.attributes)
+        return got, time.perf_counter() - t
 
     has_masks = bool(table["inside_frac"].notna().any())
     cf = None
     if counterfactuals or (counterfactuals is None and has_masks):
         from .counterfactuals import run_counterfactuals, sample_size_for
 
-        t = time.perf_counter()
-        H, W, C = geometry
-        # the scan's own predictions: the originals are not run again, and the mistakes among
-        # them get an Only-BG image whether sampled or not
-        predictions = np.full(len(ds), -1, np.int64)
-        predictions[table["index"].to_numpy(np.int64)] = table["pred_idx"].to_numpy(np.int64)
-        with _counterfactual_runner(engine, model=model, target=target, rep=rep) as runner:
-            cf = run_counterfactuals(model, ds, image_size=(H, W), channels=C, batch_size=batch_size,
-                                     preprocess=preprocess, seed=seed, target=target,
-                                     mixed_per_class=sample_size_for(0.03), predictions=predictions,
-                                     runner=runner, progress=rep)
-        timings["counterfactuals_s"] = time.perf_counter() - t
-        if isinstance(cf.get("method"), dict):
-            timings["counterfactuals_engine"] = cf["method"]["engine"]["name"]
+        # The clusters and the 2-D map (numpy and scikit-learn) run in a thread alongside the
+        # counterfactual pass (TensorFlow), which leaves part of the cores idle; neither reads
+        # the other's results.
+        with ThreadPoolExecutor(1) as pool:
+            analysis_job = pool.submit(clusters_and_map)
+            t = time.perf_counter()
+            H, W, C = geometry
+            # the scan's own predictions: the originals are not run again, and the mistakes
+            # among them get an Only-BG image whether sampled or not
+            predictions = np.full(len(ds), -1, np.int64)
+            predictions[table["index"].to_numpy(np.int64)] = table["pred_idx"].to_numpy(np.int64)
+            with _counterfactual_runner(engine, model=model, target=target, rep=rep) as runner:
+                cf = run_counterfactuals(model, ds, image_size=(H, W), channels=C, batch_size=batch_size,
+                                         preprocess=preprocess, seed=seed, target=target,
+                                         mixed_per_class=sample_size_for(0.03), predictions=predictions,
+                                         runner=runner, inputs=inputs, progress=rep)
+            timings["counterfactuals_s"] = time.perf_counter() - t
+            if isinstance(cf.get("method"), dict):
+                timings["counterfactuals_engine"] = cf["method"]["engine"]["name"]
+            t = time.perf_counter()
+            (columns, info), timings["analysis_s"] = analysis_job.result()
+            timings["analysis_after_counterfactuals_s"] = time.perf_counter() - t
+    else:
+        with rep.task("analysis: clusters and 2-D map", total=None, unit="step"):
+            (columns, info), timings["analysis_s"] = clusters_and_map()
+    table = fill_columns(table, columns)
+    if inputs is not None:
+        inputs.drop()  # only the counterfactual pass reads them
     object_embedding = _object_embedding(cf, table)
     occlusion = _occlusion(model, ds, table, info, geometry=geometry, batch_size=batch_size,
                            preprocess=preprocess, seed=seed, options=detector_options, rep=rep,

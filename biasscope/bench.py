@@ -266,13 +266,17 @@ def run_whole_job(n: int = 10_000, *, batch_size: int = 32, cache_dir=None, work
               "assemble_s": float(meta_t["assemble_s"]),  # chunks joined into the stored table
               "counterfactuals_s": float(ana_t.get("counterfactuals_s", 0.0)),
               "occlusion_s": float(ana_t.get("occlusion_s", 0.0)),
-              "analysis_s": float(ana_t.get("analysis_s", 0.0)),
+              # the clusters and 2-D map run alongside the counterfactual pass: what they add
+              # to the wall clock is the wait for them after it
+              "analysis_s": float(ana_t.get("analysis_after_counterfactuals_s", ana_t.get("analysis_s", 0.0))),
               "findings_s": float(ana_t.get("findings_s", 0.0)),
               "report_s": float(meta_t.get("report_s", 0.0))}
     stages["rest_s"] = max(0.0, total_s - sum(stages.values()))  # table and JSON writes, loads
+    alongside = {"analysis_s": float(ana_t["analysis_s"])} if "analysis_after_counterfactuals_s" in ana_t else {}
     return {"n": n, "batch_size": batch_size, "device": _device(), "total_s": total_s,
             "total_over_pass": total_s / pass_s, "peak_rss_mb": rss, "stages": stages,
-            "over_pass": {k[:-2]: v / pass_s for k, v in stages.items()}}
+            "over_pass": {k[:-2]: v / pass_s for k, v in stages.items()},
+            "alongside_counterfactuals": alongside}
 
 
 def synthetic_scan_table(n: int, *, seed: int = 0, n_classes: int = 4, hw: int = 7):

@@ -313,7 +313,7 @@ def compiled_forward(model, *, batch_size: int, input_shape: tuple, preprocess=N
     pre = resolve_preprocess(preprocess)
     spec = [tf.TensorSpec((int(batch_size), *input_shape), tf.float32)]
 
-    @tf.function(input_signature=spec)
+    @tf.function(input_signature=spec, autograph=False)
     def forward(images):
         return model(pre(images), training=False)
 

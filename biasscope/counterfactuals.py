@@ -456,7 +456,8 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
                         preprocess="none", seed: int = 0, n_boot: int = 1000, draws: int = 4,
                         pairing: str = "background", dilate: int = 2, target=None,
                         mixed_per_class: int | None = None, predictions=None,
-                        chunk_batches: int | None = None, runner=None, progress=True) -> dict:
+                        chunk_batches: int | None = None, runner=None, inputs=None,
+                        progress=True) -> dict:
     """Only-BG / Mixed-Rand background tests over the images of ``ds`` that have a mask.
 
     Parameters
@@ -512,6 +513,10 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
         (:func:`run_chunk`'s results; ``task`` advances by rows), e.g. the Ray engine's
         :class:`biasscope.engines.ray.RayCounterfactuals`; its ``info`` (a dict) is recorded
         as ``method["engine"]``. Default: the chunks one after another in this process.
+    inputs : DecodedInputs, optional
+        The CAM pass's decoded images and masks (:mod:`biasscope.decoded`); with the default
+        runner, when usable, the batches are built from them instead of the files (the same
+        batches).
 
     Returns
     -------
@@ -536,7 +541,8 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     specs = plan.chunks()
     with as_reporter(progress).task("counterfactuals", total=int(plan.rows.size)) as task:
         if runner is None:
-            got = run_chunks(CounterfactualSteps(model, plan, target=target), plan, specs, task.advance)
+            got = run_chunks(CounterfactualSteps(model, plan, target=target), plan, specs, task.advance,
+                             inputs=inputs)
         else:
             got = runner(plan, specs, task)
     missing = [s["chunk"] for s in specs if s["chunk"] not in got]
@@ -574,7 +580,7 @@ class CounterfactualPlan:
     n_bg_rows: int
     draws_for: np.ndarray           # draws per object, by class index
     pred_sorted: np.ndarray | None  # the scan's predictions in ``order`` (None: predicted here)
-    batch_size: int                 # B (at least _MIN_POOL)
+    batch_size: int                 # B, the pairing pool (at least _MIN_POOL)
     draws: int                      # R
     image_size: tuple
     channels: int
@@ -584,6 +590,13 @@ class CounterfactualPlan:
     dilate: int
     mixed_per_class: int | None
     chunk_rows: int                 # a multiple of batch_size
+    pools: int = 1                  # pools per compiled batch (see compute_batch)
+
+    @property
+    def compute_batch(self) -> int:
+        """Rows per compiled call: ``pools`` consecutive pools of ``batch_size`` (small images
+        are run several pools at a time, see :func:`pools_per_call`)."""
+        return self.batch_size * self.pools
 
     @property
     def n_chunks(self) -> int:
@@ -658,7 +671,21 @@ def plan_counterfactuals(ds: Dataset, *, image_size, channels: int, batch_size: 
         batch_size=B, draws=R, image_size=(H, W), channels=int(channels), preprocess=preprocess,
         seed=int(seed), pairing=pairing, dilate=int(dilate),
         mixed_per_class=None if mixed_per_class is None else int(mixed_per_class),
-        chunk_rows=cb * B)
+        chunk_rows=cb * B, pools=pools_per_call(B, H, W))
+
+
+#: Small images are run several pairing pools per compiled call, up to this many rows and this
+#: many pixels in all: TF's per-op overhead dominates a batch of 16 small images (on 2 cores a
+#: batch of 64 images of 64 px costs about a third less per image than four of 16, for the
+#: fill and for the demo CNN's forward pass alike), while large images keep the scan's batch.
+CALL_ROWS, CALL_PIXELS = 64, 64 * 64 * 64
+
+
+def pools_per_call(batch_size: int, H: int, W: int) -> int:
+    """Pools of ``batch_size`` rows per compiled call: the largest power of two that keeps a
+    call within :data:`CALL_ROWS` rows and :data:`CALL_PIXELS` pixels (at least 1)."""
+    fit = min(CALL_ROWS // int(batch_size), CALL_PIXELS // (int(batch_size) * int(H) * int(W)))
+    return 1 << max(0, int(fit).bit_length() - 1) if fit >= 1 else 1
 
 
 class CounterfactualSteps:
@@ -671,7 +698,7 @@ class CounterfactualSteps:
         from .cams import compiled_forward, resolve_preprocess
         from .model import Capture
 
-        B, C = plan.batch_size, plan.channels
+        B, C = plan.compute_batch, plan.channels
         H, W = plan.image_size
         dilate = plan.dilate
         forward = compiled_forward(model, batch_size=B, input_shape=(H, W, C), preprocess=plan.preprocess)
@@ -696,17 +723,20 @@ class CounterfactualSteps:
                 out = model(pre(fg), training=False)
             return classify(out), tf.reduce_mean(tf.cast(cap.activations, tf.float32), axis=(1, 2)), p_orig
 
-        @tf.function(input_signature=[img_spec, mask_spec])
+        # plain graph code (no Python control flow on tensors): autograph's source conversion
+        # would only cost time (tracing with_only_bg: 1.9 s with it, 0.6 s without)
+        @tf.function(input_signature=[img_spec, mask_spec], autograph=False)
         def with_only_bg(images, masks):
             only_bg = fill_background(images, masks, dilate=dilate)
             p_fg, emb, p_orig = only_fg_pass(images, masks)
             return only_bg, p_orig, predict(only_bg), p_fg, emb
 
-        @tf.function(input_signature=[img_spec, mask_spec])
+        @tf.function(input_signature=[img_spec, mask_spec], autograph=False)
         def without_only_bg(images, masks):
             return only_fg_pass(images, masks)
 
-        @tf.function(input_signature=[img_spec, mask_spec, img_spec, tf.TensorSpec((B,), tf.int32)])
+        @tf.function(input_signature=[img_spec, mask_spec, img_spec, tf.TensorSpec((B,), tf.int32)],
+                     autograph=False)
         def mixed_rand(images, masks, only_bg, source):
             return predict(paste_objects(images, masks, only_bg, source))
 
@@ -715,55 +745,68 @@ class CounterfactualSteps:
 
 def run_chunk(steps: CounterfactualSteps, plan: CounterfactualPlan, chunk: int, lo: int, hi: int,
               advance=None, batches=None) -> dict | None:
-    """The tests on positions ``[lo, hi)`` of ``plan.order`` (``lo`` a multiple of the batch
-    size; the chunk's last batch is padded): per valid row its position, label, the
-    predictions, the embedding and the draws (``pos`` ... ``tier``, as numpy arrays), or None
-    when no image of the chunk could be read. The pairing RNG is the chunk's own,
-    ``default_rng([seed, 1, chunk])``: the result is a function of the plan and the chunk.
+    """The tests on positions ``[lo, hi)`` of ``plan.order`` (the chunk's last batch is
+    padded): per valid row its position, label, the predictions, the embedding and the draws
+    (``pos`` ... ``tier``, as numpy arrays), or None when no image of the chunk could be read.
+    A batch holds ``plan.pools`` pairing pools of ``plan.batch_size`` consecutive rows; each
+    pool's backgrounds are drawn from the pool, pool after pool. The pairing RNG is the chunk's
+    own, ``default_rng([seed, 1, chunk])``: the result is a function of the plan and the chunk.
     ``batches``: the chunk's input batches when the caller has them (:func:`run_chunks`),
     else its own pipeline is built."""
     from .pipeline import make_pipeline
 
-    B, R = plan.batch_size, plan.draws
+    P, R = plan.batch_size, plan.draws
     H, W = plan.image_size
     draws_for, pred_sorted = plan.draws_for, plan.pred_sorted
     pipe = batches if batches is not None else make_pipeline(
-        plan.sub, image_size=(H, W), channels=plan.channels, batch_size=B, start=int(lo), stop=int(hi))
+        plan.sub, image_size=(H, W), channels=plan.channels, batch_size=plan.compute_batch,
+        start=int(lo), stop=int(hi))
     parts: dict = {k: [] for k in _PART_KEYS}
     pair_rng = np.random.default_rng([plan.seed, 1, int(chunk)])
     for batch in pipe:
-        pos = batch["index"].numpy()
-        images, mask, labels = batch["image"], batch["mask"], batch["label"].numpy()
-        valid = (pos >= 0) & batch["has_mask"].numpy() & mask.numpy().any(axis=(1, 2))
+        pos = np.asarray(batch["index"])
+        images, mask, labels = batch["image"], batch["mask"], np.asarray(batch["label"])
+        valid = (pos >= 0) & np.asarray(batch["has_mask"]) & np.asarray(mask).any(axis=(1, 2))
         has_bg = valid & (pos < plan.n_bg_rows)
         if has_bg.any():
             only_bg, p_orig, p_bg, p_fg, emb = steps.with_only_bg(images, mask)
             p_bg = np.where(has_bg, p_bg.numpy(), -1)
         else:
             p_fg, emb, p_orig = steps.without_only_bg(images, mask)
-            only_bg, p_bg = None, np.full(B, -1, np.int64)
+            only_bg, p_bg = None, np.full(len(pos), -1, np.int64)
         p_orig = p_orig.numpy() if pred_sorted is None else pred_sorted[np.maximum(pos, 0)]
-        mixed, src, tier = [], [], []
         draw = valid & (pos < plan.n_draw_rows)  # rows past the Mixed-Rand sample get no draws
         n_draws = draws_for[np.minimum(labels, len(draws_for) - 1)]
+        # the pairings, pool by pool (a pool of padding only is no pool): sources as rows of
+        # the batch (-1: none)
+        src_row = np.full((len(pos), R), -1, np.int64)
+        tier = np.full((len(pos), R), -1, np.int8)
+        for q in range(0, len(pos), P):
+            sl = slice(q, q + P)
+            if not (pos[sl] >= 0).any():
+                continue
+            for j in range(R):
+                s, t = _pair(labels[sl], p_bg[sl], draw[sl], pair_rng, plan.pairing)
+                more = n_draws[sl] > j
+                src_row[sl, j] = np.where(more & (s >= 0), s + q, -1)
+                tier[sl, j] = np.where(more, t, -1)
+        mixed = np.full((len(pos), R), -1, np.int64)
         for j in range(R):
-            s, t = _pair(labels, p_bg, draw, pair_rng, plan.pairing)
-            s, t = np.where(n_draws > j, s, -1), np.where(n_draws > j, t, -1)
-            # no pair in the batch (past the sample, or no more draws): no forward pass
-            p = steps.mixed_rand(images, mask, only_bg, np.maximum(s, 0)).numpy() if (s >= 0).any() else s
-            mixed.append(np.where(s >= 0, p, -1))
-            # sources as positions in the shuffled order (-1: none)
-            src.append(np.where(s >= 0, pos[np.maximum(s, 0)], -1))
-            tier.append(t.astype(np.int8))
+            s = src_row[:, j]
+            if (s >= 0).any():  # no pair in the batch (past the sample, or no more draws): no pass
+                p = steps.mixed_rand(images, mask, only_bg, np.maximum(s, 0).astype(np.int32)).numpy()
+                mixed[:, j] = np.where(s >= 0, p, -1)
+        # sources as positions in the shuffled order (-1: none)
+        src = np.where(src_row >= 0, pos[np.maximum(src_row, 0)], -1)
         parts["pos"].append(pos[valid])
         parts["label"].append(labels[valid])
         parts["orig"].append(p_orig[valid])
         parts["only_bg"].append(p_bg[valid])
         parts["only_fg"].append(p_fg.numpy()[valid])
         parts["emb"].append(emb.numpy()[valid])
-        parts["mixed"].append(np.stack(mixed, axis=1)[valid])
-        parts["src"].append(np.stack(src, axis=1)[valid])
-        parts["tier"].append(np.stack(tier, axis=1)[valid])
+        parts["mixed"].append(mixed[valid])
+        parts["src"].append(src[valid])
+        parts["tier"].append(tier[valid])
         if advance is not None:
             advance(int((pos >= 0).sum()))
     if not parts["pos"]:
@@ -771,22 +814,29 @@ def run_chunk(steps: CounterfactualSteps, plan: CounterfactualPlan, chunk: int, 
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def run_chunks(steps: CounterfactualSteps, plan: CounterfactualPlan, specs: list, advance=None) -> dict:
+def run_chunks(steps: CounterfactualSteps, plan: CounterfactualPlan, specs: list, advance=None,
+               inputs=None) -> dict:
     """:func:`run_chunk` over consecutive chunks ``specs`` (from :meth:`CounterfactualPlan.chunks`)
     from one input pipeline (one per chunk costs about 0.2 s each to build and start); the
-    same batches, so the same results. ``{chunk: result}``."""
+    same batches, so the same results. ``inputs``: the CAM pass's decoded images
+    (:class:`biasscope.decoded.DecodedInputs`); when usable, the batches are built from them
+    and no file is read. ``{chunk: result}``."""
     from .pipeline import make_pipeline
 
     if not specs:
         return {}
     out = {s["chunk"]: None for s in specs}
     spec_of = {s["chunk"]: s for s in specs}
-    pipe = make_pipeline(plan.sub, image_size=plan.image_size, channels=plan.channels,
-                         batch_size=plan.batch_size, start=int(specs[0]["lo"]), stop=int(specs[-1]["hi"]),
-                         chunk_rows=plan.chunk_rows)
+    lo, hi = int(specs[0]["lo"]), int(specs[-1]["hi"])
+    if inputs is not None and inputs.usable and tuple(inputs.shape) == (*plan.image_size, plan.channels):
+        pipe = inputs.batches(plan.order, plan.sub.table["label_idx"].to_numpy(np.int32),
+                              batch_size=plan.compute_batch, start=lo, stop=hi, chunk_rows=plan.chunk_rows)
+    else:
+        pipe = make_pipeline(plan.sub, image_size=plan.image_size, channels=plan.channels,
+                             batch_size=plan.compute_batch, start=lo, stop=hi, chunk_rows=plan.chunk_rows)
 
     def chunk_of(batch) -> int:  # every batch holds at least one real row of its chunk
-        return int(batch["index"].numpy().max()) // plan.chunk_rows
+        return int(np.asarray(batch["index"]).max()) // plan.chunk_rows
 
     for k, group in itertools.groupby(pipe, key=chunk_of):
         s = spec_of[k]
@@ -858,7 +908,8 @@ def aggregate_counterfactuals(plan: CounterfactualPlan, ds: Dataset, chunks: lis
                            "from the best available tier"),
             "pairing": pairing,
             "pair_tiers": tiers,
-            "draws": R, "batch_size": B, "image_size": [H, W], "dilate": int(dilate),
+            "draws": R, "batch_size": B, "rows_per_call": plan.compute_batch,
+            "image_size": [H, W], "dilate": int(dilate),
             "mixed_rand_sample": {
                 "per_class": None if mixed_per_class is None else int(mixed_per_class),
                 "stratified_by": ["label", *[a for a in ds.attributes if a in ds.table.columns]],

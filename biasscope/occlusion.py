@@ -340,7 +340,7 @@ def run_occlusion(model, ds: Dataset, tests, *, image_size, channels: int, batch
     classify, _ = _classifier(model)
 
     @tf.function(input_signature=[tf.TensorSpec((B, H, W, C), tf.float32),
-                                  tf.TensorSpec((B, H, W), tf.bool)])
+                                  tf.TensorSpec((B, H, W), tf.bool)], autograph=False)
     def step(images, regions):
         occluded = occlude(images, regions, fill=fill)
         pred = classify(forward(tf.concat([images, occluded], axis=0)))

@@ -412,3 +412,93 @@ def test_one_pipeline_over_many_chunks_gives_each_chunks_own_batches(image_set):
     other = run_counterfactuals(model, ds, runner=per_chunk, **run)
     assert local["method"]["chunks"]["n"] == 3 and local["n_with_mask"] == 17
     assert local["per_image"] == other["per_image"] and local["classes"] == other["classes"]
+
+
+def _decoded_copy(ds, size=32):
+    """The copy the local CAM pass keeps, filled from the scan's own pipeline (batch 4)."""
+    from biasscope.decoded import DecodedInputs
+    from biasscope.pipeline import make_pipeline
+
+    keep = DecodedInputs.create(len(ds), size, size, 3)
+    for b in make_pipeline(ds, image_size=(size, size), channels=3, batch_size=4):
+        idx = b["index"].numpy()
+        v = idx >= 0
+        keep.put(idx[v], b["image"].numpy()[v], b["mask"].numpy()[v], b["has_mask"].numpy()[v],
+                 b["image_hw"].numpy()[v])
+    keep.complete = True
+    return keep
+
+
+def test_the_cam_pass_copy_gives_the_pipelines_batches_and_the_same_result(image_set, monkeypatch):
+    """Batches built from the CAM pass's decoded copy (:mod:`biasscope.decoded`) are the
+    pipeline's, field by field, in any row order, with an unreadable image in a chunk; the
+    counterfactual result is the same, and no file is read for it."""
+    import dataclasses
+
+    from conftest import make_cnn
+
+    import biasscope.pipeline
+    from biasscope.pipeline import make_pipeline
+
+    (image_set / "images" / "square" / "square_002.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    ds = load_dataset(image_set, n_outputs=3)
+    keep = _decoded_copy(ds)
+    assert keep.usable and keep.stored.sum() == len(ds) - 1
+    order = np.random.default_rng(0).permutation(len(ds))
+    sub = dataclasses.replace(ds, table=ds.table.iloc[order].reset_index(drop=True))
+    want = [{k: v.numpy() for k, v in b.items()}
+            for b in make_pipeline(sub, image_size=(32, 32), channels=3, batch_size=4, chunk_rows=8)]
+    got = list(keep.batches(order, sub.table["label_idx"].to_numpy(np.int32), batch_size=4, start=0,
+                            stop=len(ds), chunk_rows=8))
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want):
+        for k in ("index", "label", "image", "mask", "has_mask"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    model = make_cnn()
+    run = dict(image_size=(32, 32), channels=3, batch_size=8, n_boot=50, progress=False, chunk_batches=1)
+    files = run_counterfactuals(model, ds, **run)
+
+    def no_files(*a, **k):
+        raise AssertionError("the counterfactual pass read the files")
+
+    monkeypatch.setattr(biasscope.pipeline, "make_pipeline", no_files)
+    copied = run_counterfactuals(model, ds, inputs=keep, **run)
+    assert copied["n_with_mask"] == files["n_with_mask"] == 17
+    assert copied["per_image"] == files["per_image"] and copied["classes"] == files["classes"]
+
+
+def test_a_resized_image_turns_the_copy_off_and_the_files_are_read(tmp_path):
+    """An image not stored at the model's size is resized by the pipeline (its pixels are not
+    integers): the copy drops out and the counterfactual pass decodes the files itself."""
+    from conftest import make_cnn, make_image_set
+
+    from biasscope.decoded import DecodedInputs
+
+    root = make_image_set(tmp_path / "d", size=40)
+    ds = load_dataset(root, n_outputs=3)
+    keep = _decoded_copy(ds, size=32)
+    assert not keep.ok and not keep.usable and keep.images.size == 0
+    model = make_cnn()
+    run = dict(image_size=(32, 32), channels=3, batch_size=8, n_boot=50, progress=False)
+    assert run_counterfactuals(model, ds, inputs=keep, **run)["per_image"] == \
+        run_counterfactuals(model, ds, **run)["per_image"]
+    assert DecodedInputs.create(10, 64, 64, 3, budget=10 * 64 * 64 * 3) is None  # masks do not fit
+
+
+def test_several_pools_per_call_give_the_pools_own_result(object_model, data, monkeypatch):
+    """Small images run several pairing pools per compiled call; each pool still draws its
+    backgrounds from itself, in the same RNG order: the result equals one pool per call."""
+    import biasscope.counterfactuals as cfm
+
+    assert cfm.pools_per_call(16, 64, 64) == 4 and cfm.pools_per_call(16, 224, 224) == 1
+    assert cfm.pools_per_call(8, 16, 16) == 8 and cfm.pools_per_call(5, 64, 64) == 8
+    assert cfm.pools_per_call(128, 8, 8) == 1
+    kw = dict(RUN, draws=3, mixed_per_class=6, predictions=np.zeros(len(data), np.int64), chunk_batches=3)
+    many = run_counterfactuals(object_model, data, **kw)
+    assert many["method"]["rows_per_call"] == 64 and many["method"]["batch_size"] == 8
+    monkeypatch.setattr(cfm, "CALL_ROWS", 8)
+    one = run_counterfactuals(object_model, data, **kw)
+    assert one["method"]["rows_per_call"] == 8
+    assert (np.asarray(one["per_image"]["bg_source_index_all"]) >= 0).sum() > 10
+    assert one["per_image"] == many["per_image"] and one["classes"] == many["classes"]

@@ -178,3 +178,27 @@ def test_finished_scan_redoes_only_the_analysis(image_set, cnn_path, tmp_path):
                        progress=False)
     assert (out / "heatmaps.npy").stat().st_mtime_ns == heat_before
     assert s.analysis["params"]["seed"] == 3
+
+
+def test_the_counterfactual_pass_reads_the_cam_pass_copy_not_the_files(image_set, cnn_path, tmp_path,
+                                                                      monkeypatch):
+    """A local scan keeps its decoded inputs for the counterfactual pass, which builds its
+    batches from them (no file read twice) and stores what a pass over the files stores."""
+    from biasscope import decoded
+
+    (image_set / "images" / "circle" / "circle_001.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    used = []
+    batches = decoded.DecodedInputs.batches
+
+    def spy(self, *a, **k):
+        used.append(int(self.stored.sum()))
+        return batches(self, *a, **k)
+
+    monkeypatch.setattr(decoded.DecodedInputs, "batches", spy)
+    copied = biasscope.scan(cnn_path, image_set, out=tmp_path / "a", batch_size=4, progress=False)
+    assert used == [17]  # every readable image, one pass over the copy
+    monkeypatch.setattr(decoded.DecodedInputs, "create", classmethod(lambda cls, *a, **k: None))
+    files = biasscope.scan(cnn_path, image_set, out=tmp_path / "b", batch_size=4, progress=False)
+    assert used == [17]
+    a, b = (s.analysis["counterfactuals"] for s in (copied, files))
+    assert a["n_with_mask"] == 17 and a["per_image"] == b["per_image"] and a["classes"] == b["classes"]

@@ -17,9 +17,10 @@ from . import PassJob, PassStats
 from ..kernel import batch_rows
 
 
-def run_batches(cam, pipe, ds, sink, stats: PassStats | None = None) -> PassStats:
+def run_batches(cam, pipe, ds, sink, stats: PassStats | None = None, keep=None) -> PassStats:
     """Run ``cam`` over every batch of ``pipe`` and call ``sink(cols, cam_p, cam_t)`` once per
-    batch, in order; returns the loop's timings and the mask geometry counts."""
+    batch, in order; returns the loop's timings and the mask geometry counts. ``keep``: a
+    :class:`~biasscope.decoded.DecodedInputs` that receives every batch's decoded rows."""
     stats = PassStats() if stats is None else stats
     label_idx_all = ds.table["label_idx"].to_numpy()
     mask_files = ds.table["mask_file"].to_numpy()
@@ -31,8 +32,11 @@ def run_batches(cam, pipe, ds, sink, stats: PassStats | None = None) -> PassStat
         idx = batch["index"].numpy()
         valid = idx >= 0
         check_mask_geometry(batch, valid, idx[valid], mask_files, paths, stats)
-        cols, cam_p, cam_t = batch_rows(res, idx, batch["mask"].numpy(), batch["has_mask"].numpy(),
-                                        label_idx_all[idx[valid]])
+        masks, has_mask = batch["mask"].numpy(), batch["has_mask"].numpy()
+        if keep is not None:
+            keep.put(idx[valid], batch["image"].numpy()[valid], masks[valid], has_mask[valid],
+                     batch["image_hw"].numpy()[valid])
+        cols, cam_p, cam_t = batch_rows(res, idx, masks, has_mask, label_idx_all[idx[valid]])
         sink(cols, cam_p, cam_t)
         stats.postprocess_s += time.perf_counter() - t
 
@@ -88,8 +92,10 @@ class LocalEngine:
     def label(self, method_label: str) -> str:
         return method_label
 
-    def run(self, job: PassJob, cam, writer, task, reasons) -> PassStats:
-        """Every row from ``writer.start_index`` on, into ``writer``; ``task`` advances per batch."""
+    def run(self, job: PassJob, cam, writer, task, reasons, keep=None) -> PassStats:
+        """Every row from ``writer.start_index`` on, into ``writer``; ``task`` advances per batch.
+        ``keep`` (:class:`~biasscope.decoded.DecodedInputs`) receives the decoded rows and is
+        marked complete when the pass began at the first row."""
         from ..pipeline import make_pipeline
 
         H, W, C = job.geometry
@@ -104,8 +110,10 @@ class LocalEngine:
             done = end
 
         pipe = make_pipeline(job.ds, image_size=(H, W), channels=C, batch_size=job.batch_size, start=start)
-        stats = run_batches(cam, pipe, job.ds, sink)
+        stats = run_batches(cam, pipe, job.ds, sink, keep=keep)
         writer.close(reasons)
+        if keep is not None:
+            keep.complete = start == 0
         task.advance(len(job.ds) - done)
         stats.chunks_run = writer.n_chunks - first_chunk
         return stats
