@@ -502,3 +502,17 @@ def test_several_pools_per_call_give_the_pools_own_result(object_model, data, mo
     assert one["method"]["rows_per_call"] == 8
     assert (np.asarray(one["per_image"]["bg_source_index_all"]) >= 0).sum() > 10
     assert one["per_image"] == many["per_image"] and one["classes"] == many["classes"]
+
+
+def test_the_mask_dilation_is_the_square_one():
+    """The dilation (a max-pool along rows, then columns) equals binary dilation by a
+    (2p+1)-square, borders included."""
+    from scipy.ndimage import binary_dilation
+
+    from biasscope.counterfactuals import _dilate
+
+    m = np.random.default_rng(0).random((3, 17, 12)) > 0.93
+    m[0, 0, 0] = m[1, -1, 5] = True
+    for p in (0, 1, 2, 4):
+        want = np.stack([binary_dilation(x, np.ones((2 * p + 1,) * 2, bool)) if p else x for x in m])
+        np.testing.assert_array_equal(_dilate(tf.constant(m), p).numpy(), want)

@@ -262,6 +262,7 @@ def test_masks_resolved_from_manifest_and_directory_layout(tmp_path):
         root / "manifest.csv", index=False)
     src = mask_sources(t, {"data_root": str(root)})
     assert src[0] is None and src[1].file == str(root / "masks" / "a" / "x.png")
+    assert mask_sources(t, {"data_root": str(root)}, rows=[0, 2]) == [None, None, None]  # only those
     t[["x0", "y0", "x1", "y1"]] = [[0, 0, 2, 2], [np.nan] * 4, [0, 0, 1, 1]]
     assert mask_sources(t, {"data_root": str(root)})[0].box == (0.0, 0.0, 2.0, 2.0)
 

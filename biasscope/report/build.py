@@ -241,7 +241,7 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
 
     # --- thumbnails -----------------------------------------------------------------------
     thumb_rows = choose_rows(table, findings, analysis) if thumbnails else np.zeros(0, np.int64)
-    masks = mask_sources(table, meta) if len(thumb_rows) else [None] * n
+    masks = mask_sources(table, meta, rows=thumb_rows) if len(thumb_rows) else [None] * n
     images = render_thumbnails(scan, thumb_rows, masks) if len(thumb_rows) else {}
     thumb_state = np.full(n, -1, np.int64)        # -1: capped out
     thumb_state[thumb_rows] = -2                  # -2: chosen but the image could not be read

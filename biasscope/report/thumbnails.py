@@ -86,8 +86,10 @@ class MaskSource:
     box: tuple | None = None
 
 
-def mask_sources(table: pd.DataFrame, meta: dict) -> list:
-    """Per row, a :class:`MaskSource` or None, resolved as :mod:`biasscope.data` resolves them.
+def mask_sources(table: pd.DataFrame, meta: dict, rows=None) -> list:
+    """Per row, a :class:`MaskSource` or None, resolved as :mod:`biasscope.data` resolves them
+    (only for the positions ``rows`` when given, e.g. the rows that get thumbnails; None for
+    the others).
 
     * box columns ``x0, y0, x1, y1`` in the table: a box;
     * ``DATA/manifest.csv`` with a ``mask`` column: that file (relative to DATA);
@@ -109,6 +111,10 @@ def mask_sources(table: pd.DataFrame, meta: dict) -> list:
     opts = meta.get("options") or {}
     masks_dir = meta.get("masks") or opts.get("masks")
     out: list = [None] * n
+    if rows is not None:
+        keep = np.zeros(n, bool)
+        keep[np.asarray(rows, np.int64)] = True
+        has = has & keep
     for i in np.flatnonzero(has):
         if box is not None and np.isfinite(box[i]).all():
             out[i] = MaskSource(box=tuple(float(v) for v in box[i]))
