@@ -18,9 +18,10 @@ pass (:func:`biasscope.cams.compiled_forward`), batch by batch:
   the image's *object embedding*, which :mod:`biasscope.findings.label_issue` compares between
   images (the model's view of the object with the background taken out).
 * **Mixed-Rand** (:func:`paste_objects`), ``draws`` times per object: the object (exactly its
-  mask pixels) pasted onto the Only-BG image of another image of the same batch. Rows are
-  shuffled (seeded) before batching, so that a batch mixes classes; each draw's background is
-  taken at random (with replacement) from the batch's images of *another class whose own
+  mask pixels) pasted onto the Only-BG image of another image of the same pool (``batch_size``
+  consecutive rows). Rows are shuffled (seeded) before batching, so that a pool mixes classes;
+  each draw's background is taken at random (with replacement) from the pool's images of
+  *another class whose own
   Only-BG image the model does not read as the object's class* (tier 2), else of another class
   (tier 1), else any other image (tier 0). Sources and tiers are recorded.
 
@@ -29,6 +30,9 @@ The rows, in the order they are run, are cut into chunks of whole batches
 :func:`run_chunk` with its own pairing RNG and the results put together by
 :func:`aggregate_counterfactuals`: the local engine runs the chunks one after another, the Ray
 engine (:class:`biasscope.engines.ray.RayCounterfactuals`) on its actors, with the same result.
+Small images go through the compiled steps several pools of ``batch_size`` rows at a time
+(:func:`pools_per_call`; the pairing stays within each pool). The local engine reads the CAM
+pass's decoded images (:mod:`biasscope.decoded`) instead of the files where it kept them.
 
 At scale (``mixed_per_class``, ``predictions``; what the scan passes): Mixed-Rand, transplant
 and the Only-BG rates run on a stratified per-class sample sized for the CIs, Only-BG images are
@@ -471,8 +475,9 @@ def run_counterfactuals(model, ds: Dataset, *, image_size, channels: int, batch_
     image_size : (H, W)
     channels : int
     batch_size : int
-        Fixed batch shape of the compiled functions; also the pool each Mixed-Rand background
-        is drawn from, so at least 8 is used (a batch must hold several classes).
+        The pool each Mixed-Rand background is drawn from, so at least 8 is used (a pool must
+        hold several classes). The compiled functions take :func:`pools_per_call` consecutive
+        pools at a time (several for small images).
     preprocess : str or callable
         As for the scan (:func:`biasscope.cams.resolve_preprocess`).
     seed : int
