@@ -315,7 +315,10 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             # the local pass keeps its decoded inputs (when exact and small enough) for the
             # counterfactual pass, which then reads no file again
             keep = None
-            if runner.name == "local" and ds.arrays is None and not start:
+            masked = ((ds.table["mask_file"].astype(str) != "").any()
+                      or np.isfinite(ds.table[list(BOX_COLS)].to_numpy(np.float64)).all(axis=1).any())
+            if (runner.name == "local" and ds.arrays is None and not start and analysis
+                    and counterfactuals is not False and masked):
                 from .decoded import DecodedInputs
 
                 keep = DecodedInputs.create(len(ds), H, W, C)
