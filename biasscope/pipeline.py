@@ -129,7 +129,7 @@ def _batched(src, elements, batch_size, chunk_rows=None):
     opts.deterministic = True
     # No autotuning thread: the parallel map runs at the core count. Deleting the iterator of
     # an autotuned pipeline that ran for a long time waited for that thread, 30-40 s at the end
-    # of a 50,000-image pass in 4 of 6 runs.
+    # of a 50,000-image pass in 5 of 7 runs.
     opts.autotune.enabled = False
     return out.prefetch(2).with_options(opts)
 
