@@ -259,7 +259,11 @@ def test_ctrl_c_says_how_much_is_stored_and_how_to_resume(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "biasscope.cli", "scan", str(model), str(data),
                              "--out", str(out), "--batch-size", "1", "--no-report", "--no-counterfactuals"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "200"})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "200"},
+                            # a test run started in the background inherits SIGINT ignored (and
+                            # Python then installs no KeyboardInterrupt handler): the scan gets
+                            # the default, as in a terminal
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first_chunk = out / "chunks" / "rows-00000.parquet"  # 64 images stored: the scan is under way
     deadline = time.time() + 60
     # poll without sleeping: the 600-image pass lasts about 2 s, and a test process that sleeps
