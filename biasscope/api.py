@@ -287,6 +287,7 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             "options": {**options, "seed": seed}, "versions": _versions(),
         }
         from .cams import make_cam
+        from .counterfactuals import _rows_with_masks
         from .pipeline import why_unreadable
 
         cam = make_cam(method, kmodel, target, head, batch_size=batch_size, input_shape=(H, W, C),
@@ -315,10 +316,8 @@ def scan(model, data, *, masks=None, out=None, layer: str | None = None, method:
             # the local pass keeps its decoded inputs (when exact and small enough) for the
             # counterfactual pass, which then reads no file again
             keep = None
-            masked = ((ds.table["mask_file"].astype(str) != "").any()
-                      or np.isfinite(ds.table[list(BOX_COLS)].to_numpy(np.float64)).all(axis=1).any())
             if (runner.name == "local" and ds.arrays is None and not start and analysis
-                    and counterfactuals is not False and masked):
+                    and counterfactuals is not False and _rows_with_masks(ds).any()):
                 from .decoded import DecodedInputs
 
                 keep = DecodedInputs.create(len(ds), H, W, C)
