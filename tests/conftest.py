@@ -14,6 +14,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CLASSES = ("circle", "square", "stripe")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Work units for ``pytest -n`` (pytest-xdist, ``--dist loadgroup``): a test module runs on
+    one worker, so its module- and session-scoped fixtures (trained models, scans, a Ray) are
+    built once; the zoo's end-to-end tests are split by case (each case's model and scan are
+    built once, on the worker that runs that case's tests)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        group = item.module.__name__
+        case = getattr(item, "callspec", None) and item.callspec.params.get("name")
+        if group.endswith("test_zoo_findings") and case:
+            group = f"{group}[{case}]"
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def kill_once_stored(code: str, args, marker: Path, timeout: float = 120.0) -> None:
     """Run ``python -c code *args`` (a scan), SIGKILL it as soon as ``marker`` (a stored chunk)
     exists, and check that it was indeed killed, not finished."""
