@@ -14,19 +14,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CLASSES = ("circle", "square", "stripe")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Work units for ``pytest -n`` (pytest-xdist, ``--dist loadgroup``): a test module runs on
+def pytest_xdist_make_scheduler(config, log):
+    """Work units for ``pytest -n`` (pytest-xdist, ``--dist loadscope``): a test module runs on
     one worker, so its module- and session-scoped fixtures (trained models, scans, a Ray) are
-    built once; the zoo's end-to-end tests are split by case (each case's model and scan are
-    built once, on the worker that runs that case's tests)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        group = item.module.__name__
-        case = getattr(item, "callspec", None) and item.callspec.params.get("name")
-        if group.endswith("test_zoo_findings") and case:
-            group = f"{group}[{case}]"
-        item.add_marker(pytest.mark.xdist_group(group))
+    built once; the zoo's end-to-end tests are split by case (a case's model and scan are built
+    once, on the worker that runs that case's tests). ``xdist_group`` marks would say the same,
+    but pytest 9.2 ignores the node ids pytest-xdist 3.8 rewrites for them."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModuleAndZooCase(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module, _, rest = nodeid.partition("::")
+            if module.endswith("test_zoo_findings.py") and "[" in rest:
+                return f"{module}[{rest.split('[', 1)[1].split('-')[0].rstrip(']')}]"
+            return module
+
+    return ByModuleAndZooCase(config, log)
 
 
 def kill_once_stored(code: str, args, marker: Path, timeout: float = 120.0) -> None:
