@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CLASSES = ("circle", "square", "stripe")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: no error where xdist is not loaded
 def pytest_xdist_make_scheduler(config, log):
     """Work units for ``pytest -n`` (pytest-xdist, ``--dist loadscope``): a test module runs on
     one worker, so its module- and session-scoped fixtures (trained models, scans, a Ray) are
@@ -24,9 +25,10 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByModuleAndZooCase(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module, _, rest = nodeid.partition("::")
-            if module.endswith("test_zoo_findings.py") and "[" in rest:
-                return f"{module}[{rest.split('[', 1)[1].split('-')[0].rstrip(']')}]"
+            module, _, test = nodeid.partition("::")
+            if module.endswith("test_zoo_findings.py") and "[" in test:
+                # test[texture] or test[clean_flips-0.9-0.9]: the case is the first parameter
+                return f"{module}[{test.split('[', 1)[1].rstrip(']').split('-')[0]}]"
             return module
 
     return ByModuleAndZooCase(config, log)
