@@ -41,14 +41,15 @@ ANALYSIS_VERSION = 1
 #: Above ``_TSNE_PCA_ABOVE`` images t-SNE runs on PCA-reduced (30-D) vectors; above
 #: ``_TSNE_FIT_MAX`` it is fitted on a random subsample of that many images and the rest are
 #: placed among their nearest fitted neighbours. Single-threaded Barnes-Hut t-SNE (500
-#: iterations) takes about 3 s for 1,500 points, 9 s for 5,000 and 22 s for 10,000 on the
-#: 2-core development machine: the map is a picture of the clusters for the report (the
-#: clusters themselves are computed apart, on each class's maps), and 1,500 fitted points draw
-#: every cluster of 1% of the images with 15 of them, so the fit is capped there: a fixed cost
-#: of about 3 s at any N (the whole job at scale is budgeted at a few times the CAM pass,
-#: DESIGN section 11). The placed points land inside the structure the fit found.
+#: iterations) takes about 2 s for 1,000 points, 3 s for 1,500, 9 s for 5,000 and 22 s for
+#: 10,000 on the 2-core development machine: the map is a picture of the clusters for the
+#: report (the clusters themselves are computed apart, on each class's maps), and 1,000 fitted
+#: points draw every cluster of 1% of the images with 10 of them, so the fit is capped there: a
+#: fixed cost of about 2 s at any N, spent alongside the counterfactual pass, which it slows
+#: about as much (both want the two cores; the whole job at scale is budgeted at a few times
+#: the CAM pass, DESIGN section 11). The placed points land inside the structure the fit found.
 _TSNE_PCA_ABOVE = 3000
-_TSNE_FIT_MAX = 1500
+_TSNE_FIT_MAX = 1000
 _PCA_DIMS = 30
 
 #: Classes up to this size get a dense eigendecomposition (exact, a fraction of a second);
@@ -86,7 +87,7 @@ def to_jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
+        return [_jsonable_item(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return to_jsonable(obj.tolist())
     if isinstance(obj, (bool, np.bool_)):
@@ -101,6 +102,17 @@ def to_jsonable(obj):
     if isinstance(obj, str):
         return obj
     return str(obj)
+
+
+def _jsonable_item(v):
+    """:func:`to_jsonable` of one list item, plain Python scalars without the recursive call
+    (per-image lists of a large scan hold hundreds of thousands of them)."""
+    t = type(v)
+    if t is int or t is str or t is bool or v is None:
+        return v
+    if t is float:
+        return v if math.isfinite(v) else None
+    return to_jsonable(v)
 
 
 def _r(x, nd: int = 6):
