@@ -7,11 +7,11 @@ pass (:func:`biasscope.cams.compiled_forward`), batch by batch:
 * **Only-BG** (:func:`fill_background`): the object removed. The mask is dilated by ``dilate``
   pixels (no object edge survives) and the hole filled from the surroundings: a smooth colour
   field by *normalised convolution*, ``blur(img * keep) / blur(keep)``, over an image pyramid
-  (push-pull: blended from the coarsest level, the mean background, down to about 4 px),
-  plus the background's texture detail copied in from a shifted
-  position of the same image that is background (a smooth fill alone leaves a flat "ghost" with
-  the object's outline, which a model that knows the shapes reads as the object; Xiao et al.
-  tile background texture into the hole for the same reason).
+  (push-pull: blended from the coarsest level, the mean background, down to about 4 px), plus
+  the background's texture detail copied in from a shifted position of the same image that is
+  background (a smooth fill alone leaves a flat "ghost" with the object's outline, which a
+  model that knows the shapes reads as the object; Xiao et al. tile background texture into
+  the hole for the same reason).
 * **Only-FG** (:func:`only_foreground`): the object alone (its mask pixels) on a flat mid-grey
   canvas (127.5 in the 0..255 input range, before any preprocessing). Its prediction gives
   ``only_fg_acc``; with a ``target`` layer, the spatial mean of that layer's activations on it is
@@ -209,8 +209,8 @@ def fill_background(images, masks, *, dilate: int = 2):
     The fill is a smooth colour field plus texture. The colour field is push-pull normalised
     convolution of the background (``blur(img * keep) / blur(keep)`` over a pyramid, from the
     background's mean colour at the coarsest level down to level 2, about 4 px), so every hole
-    pixel takes the colour of the background nearest to it. A smooth
-    fill alone would leave a flat "ghost" with the object's outline on a textured background
+    pixel takes the colour of the background nearest to it. A smooth fill alone would leave a
+    flat "ghost" with the object's outline on a textured background
     (a model that knows the shapes reads the ghost as the object), so texture is added: the
     background's detail (image minus its own ~4-px smooth field) is copied in from a shifted
     position of the same image that is background (the first of a fixed list of shifts that
@@ -247,8 +247,8 @@ def fill_background(images, masks, *, dilate: int = 2):
     found = tf.reduce_any(bg_src, axis=1)
     pix = tf.gather(src, first, batch_dims=1)
     flat_img, flat_smooth = tf.reshape(images, (-1, C)), tf.reshape(smooth, (-1, C))
-    textured = tf.gather(flat_smooth, at) + (tf.gather(flat_img, pix) - tf.gather(flat_smooth, pix))
-    fill = tf.where(found[:, None], textured, tf.gather(flat_smooth, at))
+    detail = tf.gather(flat_img, pix) - tf.gather(flat_smooth, pix)
+    fill = tf.gather(flat_smooth, at) + tf.where(found[:, None], detail, 0.0)
     fill = tf.clip_by_value(fill, 0.0, 255.0)
     return tf.reshape(tf.tensor_scatter_nd_update(flat_img, at[:, None], fill), tf.shape(images))
 
