@@ -502,7 +502,7 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
     summary["gates"] = evaluate_gates(list(fail_on or ()), summary, found)
     summary["gate_tripped"] = any(g["tripped"] for g in summary["gates"])
     write_table(out, table)
-    write_json(out / "analysis.json", info)
+    write_json(out / "analysis.json", info, indent=None)  # per-image lists: compact
     write_json(out / "findings.json", found)
     write_json(out / "summary.json", summary)
     result = load(out)

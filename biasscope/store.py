@@ -62,8 +62,12 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     _atomic_write_bytes(path, write)
 
 
-def write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=2, default=_json_default)))
+def write_json(path: Path, obj, *, indent: int | None = 2) -> None:
+    """``obj`` as JSON, atomically. ``indent=None``: compact, for the large per-image files
+    (with an indent the json module takes its pure-Python encoder: a 10,000-image analysis.json
+    is 4.4 MB and 0.17 s indented, 1.8 MB and 0.03 s compact)."""
+    _atomic_write_bytes(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=indent,
+                                                                            default=_json_default)))
 
 
 def _json_default(o):
