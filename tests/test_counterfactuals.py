@@ -466,6 +466,14 @@ def test_the_cam_pass_copy_gives_the_pipelines_batches_and_the_same_result(image
     copied = run_counterfactuals(model, ds, inputs=keep, **run)
     assert copied["n_with_mask"] == files["n_with_mask"] == 17
     assert copied["per_image"] == files["per_image"] and copied["classes"] == files["classes"]
+    # from the copy, the 3 chunks run one after another or several at once: the same result
+    import biasscope.counterfactuals as cfm
+
+    monkeypatch.setattr(cfm.os, "cpu_count", lambda: 4)
+    for threads in (1, 3):
+        monkeypatch.setattr(cfm, "LOCAL_CHUNK_THREADS", threads)
+        again = run_counterfactuals(model, ds, inputs=keep, **run)
+        assert again["per_image"] == files["per_image"] and again["classes"] == files["classes"], threads
 
 
 def test_a_resized_image_turns_the_copy_off_and_the_files_are_read(tmp_path):
