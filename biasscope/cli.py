@@ -417,6 +417,9 @@ def _print_comparison(r: dict) -> None:
                       highlight=False, soft_wrap=True)
 
 def main() -> None:
+    from . import _tf
+
+    _tf.FREEZE_AFTER_IMPORT = True  # a command-line process: see biasscope._tf
     try:
         code = app(standalone_mode=False)
     except typer.Abort:

@@ -200,3 +200,30 @@ def test_bench_whole_job_times_every_stage_against_the_cam_pass(image_set, tmp_p
     assert sum(st.values()) == pytest.approx(res["total_s"], rel=1e-6)
     assert res["over_pass"]["cam_pass"] == 1.0
     assert res["total_over_pass"] == pytest.approx(res["total_s"] / st["cam_pass_s"])
+
+
+def test_the_command_line_freezes_tensorflows_objects_and_a_library_user_does_not(monkeypatch):
+    """``main`` (the console script) asks for :func:`gc.freeze` after the TensorFlow import;
+    ``import_tf`` freezes only when asked and leaves the collector on either way."""
+    import subprocess
+    import sys
+
+    import biasscope.cli as cli
+    from biasscope import _tf
+
+    monkeypatch.setattr(_tf, "FREEZE_AFTER_IMPORT", False)
+    monkeypatch.setattr(cli, "app", lambda **kw: 0)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 0 and _tf.FREEZE_AFTER_IMPORT is True
+
+    code = ("import gc, sys; from biasscope import _tf; _tf.FREEZE_AFTER_IMPORT = sys.argv[1] == 'y'; "
+            "_tf.import_tf(); print(gc.isenabled(), gc.get_freeze_count())")
+    got = {}
+    for flag in ("y", "n"):
+        r = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        enabled, frozen = r.stdout.split()
+        got[flag] = (enabled, int(frozen))
+    assert got["y"][0] == got["n"][0] == "True"
+    assert got["y"][1] > 100_000 and got["n"][1] == 0  # TensorFlow's objects, or none
