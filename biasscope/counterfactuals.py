@@ -856,8 +856,11 @@ def run_chunks(steps: CounterfactualSteps, plan: CounterfactualPlan, specs: list
         if n <= 1:
             out.update(map(one, specs))
         else:
-            with ThreadPoolExecutor(n) as pool:  # the chunks in order: the sample's come first
+            pool = ThreadPoolExecutor(n)
+            try:  # the chunks in order: the sample's come first
                 out.update(pool.map(one, specs))
+            finally:  # on Ctrl-C or an error, the chunks not begun are dropped, not run
+                pool.shutdown(wait=True, cancel_futures=True)
         return out
     pipe = make_pipeline(plan.sub, image_size=plan.image_size, channels=plan.channels,
                          batch_size=plan.compute_batch, start=lo, stop=hi, chunk_rows=plan.chunk_rows)
