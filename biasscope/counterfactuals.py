@@ -841,7 +841,7 @@ def run_chunks(steps: CounterfactualSteps, plan: CounterfactualPlan, specs: list
 
     if not specs:
         return {}
-    out = {s["chunk"]: None for s in specs}
+    out: dict = {s["chunk"]: None for s in specs}
     spec_of = {s["chunk"]: s for s in specs}
     lo, hi = int(specs[0]["lo"]), int(specs[-1]["hi"])
     if inputs is not None and inputs.usable and tuple(inputs.shape) == (*plan.image_size, plan.channels):
