@@ -444,5 +444,16 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script: :func:`main`, with the report's helper process forked first for the
+    commands that write a report (:mod:`biasscope.report.helper`: it must be forked before
+    TensorFlow loads). ``main`` alone (a test, a library user) never forks."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("scan", "report", "demo", "bench"):
+        from .report import helper
+
+        helper.start()
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -432,6 +432,83 @@ def test_report_renders_without_tensorflow(small_scan, tmp_path):
     assert out.stat().st_size > 0
 
 
+_HELPER_SCRIPT = """
+import os, signal, sys
+from biasscope.report import helper
+h = helper.start()  # as the console script does, before anything else
+from biasscope.report import render_html
+from biasscope.store import load
+drawn = []
+submit, result = helper.Helper.submit, helper.Helper.result
+def submit_then_die(self, jobs, size):
+    ok = submit(self, jobs, size)
+    if sys.argv[3] == "die":
+        os.kill(self.pid, signal.SIGKILL)  # the helper dies with the request under way
+    return ok
+def counted(self):
+    got = result(self)
+    drawn.append(None if got is None else len(got))
+    return got
+helper.Helper.submit, helper.Helper.result = submit_then_die, counted
+with open(sys.argv[2], "w") as fh:
+    fh.write(render_html(load(sys.argv[1])))
+print(drawn)
+"""
+
+
+def test_a_helper_process_draws_two_thirds_of_the_thumbnails_and_the_report_is_the_same(tmp_path):
+    """The console script's helper (forked before anything else) draws 2/3 of the thumbnails;
+    the report is byte for byte the one drawn in this process, also when the helper dies with
+    the request under way (then this process draws them)."""
+    import ast
+
+    scan_dir = make_synthetic_scan(tmp_path, 300, n_classes=3, size=64)  # 300 thumbnails
+    expected = render_html(load(scan_dir))  # this process has no helper
+    for mode, drawn in (("use", [200]), ("die", [None])):
+        out = tmp_path / f"{mode}.html"
+        r = subprocess.run([sys.executable, "-c", _HELPER_SCRIPT, str(scan_dir), str(out), mode],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ast.literal_eval(r.stdout.strip().splitlines()[-1]) == drawn, mode
+        assert out.read_text() == expected, mode
+
+
+def test_the_helper_process_ends_with_its_parent_even_when_the_parent_is_killed():
+    code = ("import os, signal; from biasscope.report import helper; h = helper.start(); "
+            "print(h.pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    # returns once the parent is dead: the helper holds no copy of the output pipe
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -9
+    pid = int(r.stdout.strip())
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                return any(ln.split()[1] == "Z" for ln in fh if ln.startswith("State:"))  # a zombie
+        except FileNotFoundError:
+            return True
+
+    deadline = time.time() + 10
+    while not gone() and time.time() < deadline:
+        time.sleep(0.05)
+    assert gone(), f"helper {pid} outlived its parent"
+
+
+def test_the_console_script_forks_the_helper_only_for_commands_that_write_a_report(monkeypatch):
+    import biasscope.cli as cli
+    from biasscope.report import helper
+
+    started = []
+    monkeypatch.setattr(helper, "start", lambda: started.append(True))
+    monkeypatch.setattr(cli, "main", lambda: None)
+    for argv, fork in ((["scan", "m", "d"], True), (["report", "s"], True), (["bench"], True),
+                       (["compare", "a", "b"], False), (["layers", "m"], False), ([], False)):
+        started.clear()
+        monkeypatch.setattr(sys, "argv", ["biasscope", *argv])
+        cli.run()
+        assert started == ([True] if fork else []), argv
+
+
 # ----------------------------------------------------------------------------------------------
 # in the browser
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from biasscope.analysis import class_order, class_stats, group_stats, infer_attr
 from biasscope.findings.base import BANDS, severity_band
 
 from . import figures
-from .thumbnails import FULL_BELOW, choose_rows, heatmap_uri, mask_sources, render_thumbnails
+from .thumbnails import FULL_BELOW, choose_rows, heatmap_uri, mask_sources, start_thumbnails
 
 #: Metrics shown per image (explorer, detail panel), in this order.
 IMAGE_METRICS = ("inside_frac", "mask_frac", "lift", "pointing_hit", "energy_inside", "cam_entropy")
@@ -242,15 +242,12 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
     # --- thumbnails -----------------------------------------------------------------------
     thumb_rows = choose_rows(table, findings, analysis) if thumbnails else np.zeros(0, np.int64)
     masks = mask_sources(table, meta, rows=thumb_rows) if len(thumb_rows) else [None] * n
-    images = render_thumbnails(scan, thumb_rows, masks) if len(thumb_rows) else {}
-    thumb_state = np.full(n, -1, np.int64)        # -1: capped out
-    thumb_state[thumb_rows] = -2                  # -2: chosen but the image could not be read
-    thumb_state[list(images)] = 1
+    # drawn while the rest is built (by a helper process where the console script has one)
+    pending = start_thumbnails(scan, thumb_rows, masks) if len(thumb_rows) else None
     cluster_maps = {}
     for cl in analysis.get("clusters") or []:
         if cl.get("mean_heatmap"):
             cluster_maps[str(cl["id"])] = heatmap_uri(np.array(cl["mean_heatmap"], np.float64))
-    thumbs = {"images": {str(r): u for r, u in images.items()}, "clusters": cluster_maps}
 
     # --- findings ---------------------------------------------------------------------------
     anchor_of: dict = {}
@@ -335,8 +332,7 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
             cl = clusters[cid] if 0 <= cid < len(clusters) else None
             if cl is None:
                 continue
-            ex = [row_of[p] for p in (cl.get("examples") or []) if p in row_of]
-            ex = ([r for r in ex if r in images] or ex)[:CLUSTER_EXAMPLES]  # capped: those with thumbnails
+            ex = [row_of[p] for p in (cl.get("examples") or []) if p in row_of]  # capped below
             f = hans.get(int(cid))
             cards.append({**{k: cl.get(k) for k in ("id", "size", "share_of_class", "accuracy",
                                                        "mean_inside_frac", "mean_lift", "hot_area",
@@ -419,7 +415,7 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
         "cluster": [None if pd.isna(c) else int(c) for c in cluster_col],
         "x": _rounded(_num(table, "embed_x"), 3), "y": _rounded(_num(table, "embed_y"), 3),
         "flags": [[kind_i[k] for k in fl] if fl is not None else [] for fl in table.get("flags", [None] * n)],
-        "top5": top5, "top5_prob": top5p, "thumb": thumb_state.tolist(),
+        "top5": top5, "top5_prob": top5p,
     }
     attrs = {}
     for a in attributes:
@@ -433,6 +429,18 @@ def build(scan, *, thumbnails: bool = True) -> tuple[dict, dict, dict]:
         "clusters": [{"id": cl["id"], "class": cl["class"]} for cl in clusters],
         "thumb_capped": bool(n > FULL_BELOW),
     })
+
+    # --- the thumbnails, finished ------------------------------------------------------------
+    images = pending.result() if pending is not None else {}
+    thumb_state = np.full(n, -1, np.int64)        # -1: capped out
+    thumb_state[thumb_rows] = -2                  # -2: chosen but the image could not be read
+    thumb_state[list(images)] = 1
+    data["rows"]["thumb"] = thumb_state.tolist()
+    thumbs = {"images": {str(r): u for r, u in images.items()}, "clusters": cluster_maps}
+    for group in cluster_cards:
+        for card in group["clusters"]:
+            ex = card["example_rows"]
+            card["example_rows"] = ([r for r in ex if r in images] or ex)[:CLUSTER_EXAMPLES]  # those with thumbnails
 
     # --- headline and metadata ---------------------------------------------------------------
     model = meta.get("model") or {}
