@@ -10,8 +10,8 @@ costs about 0.5 s of imports, so :func:`start` forks one at the very start of th
 child waits on a pipe until a report asks it to draw a share of its thumbnails
 (:meth:`Helper.submit`).
 
-The child never outlives the command: it ends when the pipe closes (the parent exits or calls
-:meth:`Helper.close`) and, on Linux, the kernel kills it when the parent dies
+The child never outlives the command: it ends when the pipe closes (the parent exits, or gives up on
+it: :meth:`Helper.close`) and, on Linux, the kernel kills it when the parent dies
 (``PR_SET_PDEATHSIG``). Its standard streams are ``/dev/null`` and it ignores Ctrl-C (the
 parent handles it). A library user (``import biasscope``) never gets one: without it, or when
 it fails in any way, the report draws every thumbnail itself; the result is the same.
@@ -25,7 +25,7 @@ import signal
 import struct
 import sys
 
-__all__ = ["Helper", "close", "current", "start"]
+__all__ = ["Helper", "current", "start"]
 
 _HEADER = struct.Struct("<Q")
 _helper: Helper | None = None
@@ -119,13 +119,6 @@ def start() -> Helper | None:
 def current() -> Helper | None:
     """The helper of this process, if it has a live one."""
     return _helper if _helper is not None and _helper.alive else None
-
-
-def close() -> None:
-    global _helper
-    if _helper is not None:
-        _helper.close()
-        _helper = None
 
 
 def _child(parent: int, req: int, res: int) -> None:
