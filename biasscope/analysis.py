@@ -50,6 +50,7 @@ ANALYSIS_VERSION = 1
 #: the CAM pass, DESIGN section 11). The placed points land inside the structure the fit found.
 _TSNE_PCA_ABOVE = 3000
 _TSNE_FIT_MAX = 1000
+_TSNE_ANGLE = 0.8
 _PCA_DIMS = 30
 
 #: Classes up to this size get a dense eigendecomposition (exact, a fraction of a second);
@@ -486,11 +487,14 @@ def _tsne(X, seed: int, info: dict):
     perplexity = float(min(30.0, max(1.0, (len(fit) - 1) / 3.0)))
     # 500 iterations (sklearn's default is 1000): the map has settled by then for the report's
     # purpose, and it halves the cost. The keyword was n_iter before scikit-learn 1.5.
+    # Barnes-Hut angle 0.8 (sklearn's default 0.5): 30% less time for the same map quality
+    # (trustworthiness at k=10 on the benchmark's CAMs: 0.966-0.971 with either, two seeds,
+    # 800 and 1,000 images).
     import inspect
 
     iters = "max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-                **{iters: 500})
+                angle=_TSNE_ANGLE, **{iters: 500})
     xy_fit = tsne.fit_transform(Z[fit]).astype(np.float64)
     if len(fit) == n:
         return xy_fit, info

@@ -774,8 +774,10 @@ def run_chunk(steps: CounterfactualSteps, plan: CounterfactualPlan, chunk: int, 
     pair_rng = np.random.default_rng([plan.seed, 1, int(chunk)])
     for batch in pipe:
         pos = np.asarray(batch["index"])
-        images, mask, labels = batch["image"], batch["mask"], np.asarray(batch["label"])
-        valid = (pos >= 0) & np.asarray(batch["has_mask"]) & np.asarray(mask).any(axis=(1, 2))
+        labels, mask_np = np.asarray(batch["label"]), np.asarray(batch["mask"])
+        valid = (pos >= 0) & np.asarray(batch["has_mask"]) & mask_np.any(axis=(1, 2))
+        # tensors once: the Only-BG/Only-FG step and each Mixed-Rand draw take the same batch
+        images, mask = tf.convert_to_tensor(batch["image"], tf.float32), tf.convert_to_tensor(mask_np, tf.bool)
         has_bg = valid & (pos < plan.n_bg_rows)
         if has_bg.any():
             only_bg, p_orig, p_bg, p_fg, emb = steps.with_only_bg(images, mask)

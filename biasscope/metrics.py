@@ -42,6 +42,8 @@ References
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from biasscope.errors import BiasscopeError
@@ -193,6 +195,15 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     return mat
 
 
+@functools.lru_cache(maxsize=64)
+def _interp_f32(n_in: int, n_out: int) -> np.ndarray:
+    """:func:`_interp_matrix` as float32, read-only and cached: the report resizes thousands of
+    maps of the same two shapes one at a time."""
+    mat = _interp_matrix(n_in, n_out).astype(np.float32)
+    mat.setflags(write=False)
+    return mat
+
+
 def upsample_bilinear(cams, size) -> np.ndarray:
     """Resize a batch of maps bilinearly, as ``tf.image.resize(..., "bilinear")`` does.
 
@@ -229,8 +240,8 @@ def _upsample(a: np.ndarray, H: int, W: int) -> np.ndarray:
         return a.astype(np.float32, copy=True)
     if h == 0 or w == 0:
         raise BiasscopeError(f"cams must have non-empty maps to resize, cams is {_shape(a)}")
-    rows = _interp_matrix(h, H).astype(np.float32)  # (H, h)
-    cols = _interp_matrix(w, W).astype(np.float32)  # (W, w)
+    rows = _interp_f32(h, H)  # (H, h)
+    cols = _interp_f32(w, W)  # (W, w)
     # float32 throughout, as TensorFlow computes; each output mixes at most four inputs.
     return np.matmul(rows, np.matmul(a.astype(np.float32, copy=False), cols.T))
 
