@@ -603,6 +603,26 @@ def _check_table(table, heatmaps) -> None:
                              f"{len(table)} rows")
 
 
+def import_dependencies() -> None:
+    """Import the libraries :func:`analyse` and the detectors use (scikit-learn's clustering,
+    neighbours, PCA and t-SNE; SciPy's eigensolvers and statistics; threadpoolctl): ``analyse``
+    does at its start, a helper process (:mod:`biasscope.helper`) ahead of time, and the scan
+    alongside its counterfactual pass."""
+    import scipy.linalg  # noqa: F401
+    import scipy.sparse.linalg  # noqa: F401
+    import scipy.stats  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    import sklearn.decomposition  # noqa: F401
+    import sklearn.manifold  # noqa: F401
+    import sklearn.neighbors  # noqa: F401
+    import threadpoolctl  # noqa: F401
+
+
+#: Columns of the scan table :func:`analyse` does not read (per-image lists, slow to pickle):
+#: left out of what is sent to a helper process.
+UNREAD_COLUMNS = ("top5", "top5_prob", "flags")
+
+
 def analyse(table, heatmaps, *, seed: int = 0, n_neighbors: int = 10, grid=(16, 16),
             max_clusters: int = 8, projection: str = "auto", classes=None,
             attributes=None) -> tuple[dict, dict]:
@@ -656,10 +676,7 @@ def analyse(table, heatmaps, *, seed: int = 0, n_neighbors: int = 10, grid=(16, 
     # result no longer depends on the number of cores.
     # threadpoolctl only limits libraries already loaded: load scikit-learn's OpenMP runtime
     # and SciPy's BLAS first.
-    import scipy.linalg  # noqa: F401
-    import scipy.sparse.linalg  # noqa: F401
-    import sklearn.cluster  # noqa: F401
-    import sklearn.manifold  # noqa: F401
+    import_dependencies()
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):

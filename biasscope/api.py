@@ -426,7 +426,8 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
     (``model_path``, ``model_sha``, ``unsafe_model``): with ``engine="ray"`` the counterfactual
     pass runs on Ray too. ``inputs``: the CAM pass's decoded images
     (:class:`~biasscope.decoded.DecodedInputs`), read by a local counterfactual pass."""
-    from .analysis import analyse, fill_columns
+    from . import helper
+    from .analysis import UNREAD_COLUMNS, analyse, fill_columns, import_dependencies
     from .findings import Context, run_detectors
     from .summary import evaluate_gates, summarise
 
@@ -434,7 +435,18 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
 
     def clusters_and_map():
         t = time.perf_counter()
-        got = analyse(table, result.heatmaps, seed=seed, classes=ds.classes, attributes=ds.attributes)
+        kwargs = dict(seed=seed, classes=ds.classes, attributes=ds.attributes)
+        got = None
+        side = helper.current()
+        if side is not None:
+            # in the console script's helper process, which does not hold this one's GIL (the
+            # same code and libraries: the same result; on any failure it is computed here)
+            slim = table.drop(columns=[c for c in UNREAD_COLUMNS if c in table.columns])
+            if side.submit("analyse", ((slim, np.asarray(result.heatmaps)), kwargs)):
+                import_dependencies()  # the findings use them too
+                got = side.result()
+        if got is None:
+            got = analyse(table, result.heatmaps, **kwargs)
         return got, time.perf_counter() - t
 
     has_masks = bool(table["inside_frac"].notna().any())

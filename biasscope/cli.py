@@ -445,13 +445,14 @@ def main() -> None:
 
 
 def run() -> None:
-    """The console script: :func:`main`, with the report's helper process forked first for the
-    commands that write a report (:mod:`biasscope.report.helper`: it must be forked before
-    TensorFlow loads). ``main`` alone (a test, a library user) never forks."""
+    """The console script: :func:`main`, with a helper process forked first for the commands
+    that write a report (:mod:`biasscope.helper`: it must be forked before TensorFlow loads;
+    for those that scan it also runs the analysis). ``main`` alone (a test, a library user)
+    never forks."""
     if len(sys.argv) > 1 and sys.argv[1] in ("scan", "report", "demo", "bench"):
-        from .report import helper
+        from . import helper
 
-        helper.start()
+        helper.start(analysis=sys.argv[1] != "report")
     main()
 
 

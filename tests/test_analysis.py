@@ -343,3 +343,45 @@ def test_copies_of_a_map_join_their_originals_cluster():
     assert five["n_distinct"] == 60
     for k in range(5):
         np.testing.assert_array_equal(five["labels"][60 * k:60 * (k + 1)], once["labels"])
+
+
+_HELPER_ANALYSE = """
+import json, os, pickle, signal, sys
+from biasscope import helper
+h = helper.start(analysis=True)  # as the console script does, before anything else
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_analysis import two_strategies
+from biasscope.analysis import analyse
+t, heat, _ = two_strategies(seed=3)
+t["top5"] = [[0]] * len(t)  # a list column: left out of what is sent
+kw = dict(seed=4, projection="tsne")
+local = analyse(t, heat, **kw)
+slim = t.drop(columns=["top5"])
+assert h.submit("analyse", ((slim, heat), kw))
+remote = h.result()
+assert remote is not None
+for k in local[0]:
+    np.testing.assert_array_equal(local[0][k], remote[0][k])
+assert json.dumps(local[1], allow_nan=False) == json.dumps(remote[1], allow_nan=False)
+# a bad request comes back as a failure (None): the caller computes it itself
+assert h.submit("analyse", ((slim, heat[:-1]), kw)) and h.result() is None
+os.kill(h.pid, signal.SIGKILL)
+# gone: the request is refused, or it fails; nothing hangs
+assert not h.submit("analyse", ((slim, heat), kw)) or h.result() is None
+print("ok")
+"""
+
+
+def test_the_helper_process_gives_the_same_analysis():
+    """The console script's helper runs ``analyse`` on what the scan sends it (the table
+    without its list columns) with the same result; a failure there is None, a dead helper
+    refuses requests."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", _HELPER_ANALYSE, str(Path(__file__).parent)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("ok")

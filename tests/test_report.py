@@ -434,14 +434,14 @@ def test_report_renders_without_tensorflow(small_scan, tmp_path):
 
 _HELPER_SCRIPT = """
 import os, signal, sys
-from biasscope.report import helper
+from biasscope import helper
 h = helper.start()  # as the console script does, before anything else
 from biasscope.report import render_html
 from biasscope.store import load
 drawn = []
 submit, result = helper.Helper.submit, helper.Helper.result
-def submit_then_die(self, jobs, size):
-    ok = submit(self, jobs, size)
+def submit_then_die(self, kind, payload):
+    ok = submit(self, kind, payload)
     if sys.argv[3] == "die":
         os.kill(self.pid, signal.SIGKILL)  # the helper dies with the request under way
     return ok
@@ -474,7 +474,7 @@ def test_a_helper_process_draws_two_thirds_of_the_thumbnails_and_the_report_is_t
 
 
 def test_the_helper_process_ends_with_its_parent_even_when_the_parent_is_killed():
-    code = ("import os, signal; from biasscope.report import helper; h = helper.start(); "
+    code = ("import os, signal; from biasscope import helper; h = helper.start(); "
             "print(h.pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
     # returns once the parent is dead: the helper holds no copy of the output pipe
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -496,17 +496,19 @@ def test_the_helper_process_ends_with_its_parent_even_when_the_parent_is_killed(
 
 def test_the_console_script_forks_the_helper_only_for_commands_that_write_a_report(monkeypatch):
     import biasscope.cli as cli
-    from biasscope.report import helper
+    from biasscope import helper
 
     started = []
-    monkeypatch.setattr(helper, "start", lambda: started.append(True))
+    monkeypatch.setattr(helper, "start", lambda *, analysis: started.append(analysis))
     monkeypatch.setattr(cli, "main", lambda: None)
-    for argv, fork in ((["scan", "m", "d"], True), (["report", "s"], True), (["bench"], True),
-                       (["compare", "a", "b"], False), (["layers", "m"], False), ([], False)):
+    # None: no helper; else whether it prepares for the analysis (the commands that scan)
+    for argv, fork in ((["scan", "m", "d"], True), (["report", "s"], False), (["bench"], True),
+                       (["demo"], True), (["compare", "a", "b"], None), (["layers", "m"], None),
+                       ([], None)):
         started.clear()
         monkeypatch.setattr(sys, "argv", ["biasscope", *argv])
         cli.run()
-        assert started == ([True] if fork else []), argv
+        assert started == ([] if fork is None else [fork]), argv
 
 
 # ----------------------------------------------------------------------------------------------

@@ -202,3 +202,40 @@ def test_the_counterfactual_pass_reads_the_cam_pass_copy_not_the_files(image_set
     assert used == [17]
     a, b = (s.analysis["counterfactuals"] for s in (copied, files))
     assert a["n_with_mask"] == 17 and a["per_image"] == b["per_image"] and a["classes"] == b["classes"]
+
+
+def test_the_analysis_goes_to_the_helper_process_and_falls_back_when_it_fails(image_set, cnn_path,
+                                                                             tmp_path, monkeypatch):
+    """With the console script's helper, the scan sends it the analysis (the table without its
+    list columns) and stores what it returns; when the helper fails, the analysis runs here.
+    Either way the stored analysis is the one computed in this process."""
+    from biasscope import helper
+    from biasscope.analysis import analyse
+
+    local = biasscope.scan(cnn_path, image_set, out=tmp_path / "local", batch_size=4, progress=False)
+
+    class FakeHelper:
+        def __init__(self, fail):
+            self.fail, self.sent = fail, []
+
+        def submit(self, kind, payload):
+            self.sent.append((kind, payload))
+            return True
+
+        def result(self):
+            if self.fail:
+                return None
+            (table, heat), kw = self.sent[-1][1]
+            return analyse(table, heat, **kw)
+
+    for fail in (False, True):
+        fake = FakeHelper(fail)
+        monkeypatch.setattr(helper, "current", lambda: fake)
+        s = biasscope.scan(cnn_path, image_set, out=tmp_path / f"h{fail}", batch_size=4, progress=False)
+        assert [k for k, _ in fake.sent] == ["analyse"]
+        (table, heat), _ = fake.sent[0][1]
+        assert not {"top5", "top5_prob", "flags"} & set(table.columns) and len(heat) == len(s.table)
+        for key in ("clusters", "classes", "projection"):
+            assert s.analysis[key] == local.analysis[key], (fail, key)
+        for col in ("cluster", "embed_x", "embed_y"):
+            pd.testing.assert_series_equal(s.table[col], local.table[col])

@@ -231,6 +231,7 @@ class PendingThumbnails:
         now, the helper's collected (or drawn here too when the helper failed)."""
         out = _render_jobs(self._local, self._size)
         got = self._helper.result() if self._helper is not None else None
+        got = dict(got) if isinstance(got, list) else None
         if got is None or set(got) != {j[0] for j in self._remote}:
             got = _render_jobs(self._remote, self._size)
         out.update({r: u for r, u in got.items() if u is not None})
@@ -242,7 +243,7 @@ def start_thumbnails(scan, rows, masks, *, size: int = SIZE) -> PendingThumbnail
     draws 2/3 of them in the background; :meth:`PendingThumbnails.result` draws the rest and
     returns all, equal to :func:`render_thumbnails`. The shares take about the same time: this
     process first builds the rest of the report (0.45 s of 1.9 s at 10,000 images)."""
-    from . import helper as helper_mod
+    from biasscope import helper as helper_mod
 
     jobs = _jobs(scan, rows, masks)
     helper = helper_mod.current()
@@ -251,7 +252,7 @@ def start_thumbnails(scan, rows, masks, *, size: int = SIZE) -> PendingThumbnail
     # every third job stays here: the two shares alike in kind (finding examples, clusters)
     local = jobs[::3]
     remote = [j for i, j in enumerate(jobs) if i % 3]
-    if not helper.submit(remote, size):
+    if not helper.submit("thumbnails", (remote, size)):
         return PendingThumbnails(jobs, jobs, [], None, size)
     return PendingThumbnails(jobs, local, remote, helper, size)
 

@@ -1,20 +1,30 @@
-"""A second process for the report's thumbnails, forked by the console script before TensorFlow.
+"""A second process, forked by the console script before TensorFlow, for the work that would
+otherwise compete for the GIL or run while a core idles.
 
-Drawing the thumbnails is most of the report's time (1,200 of them: 1.4 s of 2.0-2.3 s at
-10,000 images) and it runs when nothing else does: on 2 cores one of them idles. Threads do not
-help (the overlays are numpy on 96-px arrays, which holds the GIL: 1.75-1.83 s with the rest of
-the report in a second thread against 1.83-1.87 s one after the other), a second process does.
+Two kinds of request:
+
+* ``"analyse"``: :func:`biasscope.analysis.analyse` (the clusters and the 2-D map), which the
+  scan runs alongside its counterfactual pass. In a thread of the scan's process its Python
+  holds the GIL that the counterfactual pass's dispatch loop needs; in this process it does
+  not (10,000 images: counterfactuals 7.4 s instead of 7.8-7.9 s in a thread). The helper
+  imports what the analysis needs (scikit-learn, SciPy, pandas) as soon as it is forked, while
+  the parent imports TensorFlow on the other core.
+* ``"thumbnails"``: a share of the report's thumbnails (:mod:`biasscope.report.thumbnails`).
+  Drawing them is most of the report's time (1,200 of them: 1.4 s of 2.0-2.3 s at 10,000
+  images) and it runs when nothing else does: on 2 cores one of them idles. Threads do not
+  help (the overlays are numpy on 96-px arrays, which holds the GIL: 1.75-1.83 s with the rest
+  of the report in a second thread against 1.83-1.87 s one after the other).
+
 Forking after TensorFlow has started its thread pools is unsafe and spawning a fresh interpreter
 costs about 0.5 s of imports, so :func:`start` forks one at the very start of the command line
 (:func:`biasscope.cli.run`), while the process is small and has no threads but numpy's, and the
-child waits on a pipe until a report asks it to draw a share of its thumbnails
-(:meth:`Helper.submit`).
+child waits on a pipe for requests (:meth:`Helper.submit`), one at a time.
 
 The child never outlives the command: it ends when the pipe closes (the parent exits, or gives up on
 it: :meth:`Helper.close`) and, on Linux, the kernel kills it when the parent dies
 (``PR_SET_PDEATHSIG``). Its standard streams are ``/dev/null`` and it ignores Ctrl-C (the
 parent handles it). A library user (``import biasscope``) never gets one: without it, or when
-it fails in any way, the report draws every thumbnail itself; the result is the same.
+it fails in any way, the work is done in the parent; the result is the same.
 """
 
 from __future__ import annotations
@@ -48,21 +58,24 @@ class Helper:
             return False
         return done == 0
 
-    def submit(self, jobs: list, size: int) -> bool:
-        """Send ``jobs`` (``(row, file, cam, cam_true, mask)`` tuples) to be drawn at ``size``;
-        False when the helper cannot take them (the caller draws them itself)."""
+    def submit(self, kind: str, payload) -> bool:
+        """Send a request: ``"thumbnails"`` with ``(jobs, size)`` (``jobs``: ``(row, file, cam,
+        cam_true, mask)`` tuples, drawn at ``size``) or ``"analyse"`` with ``(args, kwargs)``
+        of :func:`biasscope.analysis.analyse`. False when the helper cannot take it (another
+        request is under way, or it is gone): the caller then does the work itself."""
         if self._pending or not self.alive:
             return False
         try:
-            _send(self._to, (jobs, size))
+            _send(self._to, (kind, payload))
         except OSError:
             self.close()
             return False
         self._pending = True
         return True
 
-    def result(self) -> dict | None:
-        """``{row: uris}`` for the submitted jobs, or None when the helper failed."""
+    def result(self):
+        """The submitted request's result (thumbnails: ``[(row, uris), ...]``; analyse: what
+        :func:`~biasscope.analysis.analyse` returns), or None when the helper failed."""
         if not self._pending:
             return None
         self._pending = False
@@ -71,7 +84,7 @@ class Helper:
         except (OSError, EOFError, pickle.UnpicklingError, ValueError):
             self.close()
             return None
-        return dict(payload) if status == "ok" else None
+        return payload if status == "ok" else None
 
     def close(self) -> None:
         for fd in (self._to, self._from):
@@ -87,8 +100,10 @@ class Helper:
             pass
 
 
-def start() -> Helper | None:
-    """Fork the helper (once per process; Linux only); returns it, or None where there is none."""
+def start(*, analysis: bool = False) -> Helper | None:
+    """Fork the helper (once per process; Linux only); returns it, or None where there is none.
+    ``analysis``: the child imports what :func:`biasscope.analysis.analyse` needs at once (the
+    commands that scan)."""
     global _helper
     if _helper is not None or not sys.platform.startswith("linux") or not hasattr(os, "fork"):
         return _helper
@@ -106,7 +121,7 @@ def start() -> Helper | None:
         try:
             os.close(req_w)
             os.close(res_r)
-            _child(parent, req_r, res_w)
+            _child(parent, req_r, res_w, analysis)
         except BaseException:
             code = 1
         os._exit(code)
@@ -121,7 +136,7 @@ def current() -> Helper | None:
     return _helper if _helper is not None and _helper.alive else None
 
 
-def _child(parent: int, req: int, res: int) -> None:
+def _child(parent: int, req: int, res: int, analysis: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
@@ -134,18 +149,36 @@ def _child(parent: int, req: int, res: int) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    from .thumbnails import render_one
+    if analysis:
+        from .analysis import import_dependencies
 
+        import_dependencies()
     while True:
         try:
-            jobs, size = _recv(req)
+            kind, payload = _recv(req)
         except EOFError:
             return
         try:
-            out = [(r, render_one(file, cam, cam_t, mask, size)) for r, file, cam, cam_t, mask in jobs]
-            _send(res, ("ok", out))
-        except Exception as exc:  # the parent draws them itself
+            _send(res, ("ok", _HANDLERS[kind](payload)))
+        except Exception as exc:  # the parent does the work itself
             _send(res, ("error", repr(exc)))
+
+
+def _thumbnails(payload) -> list:
+    from .report.thumbnails import render_one
+
+    jobs, size = payload
+    return [(r, render_one(file, cam, cam_t, mask, size)) for r, file, cam, cam_t, mask in jobs]
+
+
+def _analyse(payload):
+    from .analysis import analyse
+
+    args, kwargs = payload
+    return analyse(*args, **kwargs)
+
+
+_HANDLERS = {"thumbnails": _thumbnails, "analyse": _analyse}
 
 
 def _send(fd: int, obj) -> None:
