@@ -210,8 +210,9 @@ def _time_recipe(kmodel, target, sample):
 
 
 def _device() -> str:
-    import tensorflow as tf
+    from ._tf import import_tf
 
+    tf = import_tf()  # quietly: the analysis bench has not imported it yet
     gpus = tf.config.list_physical_devices("GPU")
     return f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores)"
 
