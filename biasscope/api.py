@@ -442,7 +442,7 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
             # in the console script's helper process, which does not hold this one's GIL (the
             # same code and libraries: the same result; on any failure it is computed here)
             slim = table.drop(columns=[c for c in UNREAD_COLUMNS if c in table.columns])
-            if side.submit("analyse", ((slim, np.asarray(result.heatmaps)), kwargs)):
+            if side.submit("analyse", ((slim, helper.heatmaps_ref(result.heatmaps)), kwargs)):
                 import_dependencies()  # the findings use them too
                 got = side.result()
         if got is None:

@@ -364,6 +364,13 @@ assert remote is not None
 for k in local[0]:
     np.testing.assert_array_equal(local[0][k], remote[0][k])
 assert json.dumps(local[1], allow_nan=False) == json.dumps(remote[1], allow_nan=False)
+# heatmaps sent as the path of a stored .npy file are mapped from it
+np.save(sys.argv[2], heat)
+ref = helper.heatmaps_ref(np.load(sys.argv[2], mmap_mode="r"))
+assert ref == ("npy", sys.argv[2])
+assert h.submit("analyse", ((slim, ref), kw))
+mapped = h.result()
+assert json.dumps(local[1], allow_nan=False) == json.dumps(mapped[1], allow_nan=False)
 # a bad request comes back as a failure (None): the caller computes it itself
 assert h.submit("analyse", ((slim, heat[:-1]), kw)) and h.result() is None
 os.kill(h.pid, signal.SIGKILL)
@@ -373,7 +380,7 @@ print("ok")
 """
 
 
-def test_the_helper_process_gives_the_same_analysis():
+def test_the_helper_process_gives_the_same_analysis(tmp_path):
     """The console script's helper runs ``analyse`` on what the scan sends it (the table
     without its list columns) with the same result; a failure there is None, a dead helper
     refuses requests."""
@@ -381,7 +388,8 @@ def test_the_helper_process_gives_the_same_analysis():
     import sys
     from pathlib import Path
 
-    r = subprocess.run([sys.executable, "-c", _HELPER_ANALYSE, str(Path(__file__).parent)],
+    r = subprocess.run([sys.executable, "-c", _HELPER_ANALYSE, str(Path(__file__).parent),
+                        str(tmp_path / "heat.npy")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")

@@ -226,7 +226,7 @@ def test_the_analysis_goes_to_the_helper_process_and_falls_back_when_it_fails(im
             if self.fail:
                 return None
             (table, heat), kw = self.sent[-1][1]
-            return analyse(table, heat, **kw)
+            return analyse(table, helper.resolve_heatmaps(heat), **kw)
 
     for fail in (False, True):
         fake = FakeHelper(fail)
@@ -234,7 +234,8 @@ def test_the_analysis_goes_to_the_helper_process_and_falls_back_when_it_fails(im
         s = biasscope.scan(cnn_path, image_set, out=tmp_path / f"h{fail}", batch_size=4, progress=False)
         assert [k for k, _ in fake.sent] == ["analyse"]
         (table, heat), _ = fake.sent[0][1]
-        assert not {"top5", "top5_prob", "flags"} & set(table.columns) and len(heat) == len(s.table)
+        assert not {"top5", "top5_prob", "flags"} & set(table.columns)
+        assert heat == ("npy", str(tmp_path / f"h{fail}" / "heatmaps.npy"))  # the stored file, mapped
         for key in ("clusters", "classes", "projection"):
             assert s.analysis[key] == local.analysis[key], (fail, key)
         for col in ("cluster", "embed_x", "embed_y"):
