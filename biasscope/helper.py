@@ -6,9 +6,9 @@ Two kinds of request:
 * ``"analyse"``: :func:`biasscope.analysis.analyse` (the clusters and the 2-D map), which the
   scan runs alongside its counterfactual pass. In a thread of the scan's process its Python
   holds the GIL that the counterfactual pass's dispatch loop needs; in this process it does
-  not (10,000 images: counterfactuals 7.4 s instead of 7.8-7.9 s in a thread). The helper
-  imports what the analysis needs (scikit-learn, SciPy, pandas) as soon as it is forked, while
-  the parent imports TensorFlow on the other core.
+  not (five interleaved pairs of 10,000-image jobs: counterfactuals 1.15-1.19x the CAM pass,
+  against 1.12-1.37x in a thread). The helper imports what the analysis needs (scikit-learn,
+  SciPy) as soon as it is forked, while the parent imports TensorFlow on the other core.
 * ``"thumbnails"``: a share of the report's thumbnails (:mod:`biasscope.report.thumbnails`).
   Drawing them is most of the report's time (1,200 of them: 1.4 s of 2.0-2.3 s at 10,000
   images) and it runs when nothing else does: on 2 cores one of them idles. Threads do not
