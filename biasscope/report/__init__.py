@@ -11,7 +11,7 @@ Layout of the package::
     build.py        scan -> template context, browser data, thumbnails
     figures.py      the Plotly figure specs
     thumbnails.py   image / CAM overlay / mask outline JPEGs, and which images get them
-    helper.py       the console script's second process that draws 2/3 of the thumbnails
+                    (2/3 of them drawn by the console script's helper, biasscope.helper)
     escape.py       script-safe JSON, Plotly-safe text
     templates/      report.html.j2 (Jinja2, autoescape on), report.css, report.js
 """
