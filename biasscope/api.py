@@ -412,9 +412,25 @@ def _zero_heatmaps(table: pd.DataFrame, layer: str) -> str | None:
             "saturated softmax; try another --layer (biasscope layers MODEL)")
 
 
-def _raw_heatmaps(heat, peaks) -> np.ndarray:
-    """Undo the unit-peak storage: CAMs at their own scale (float32)."""
-    return np.asarray(heat, np.float32) * np.asarray(peaks, np.float32)[:, None, None]
+def _findings(ctx_args: dict, maps: dict) -> tuple:
+    """:func:`biasscope.findings.detect` (the detectors, and the attractors): in the console
+    script's helper process when there is one, which has scikit-learn and SciPy imported
+    already (this process then never imports them: see ``biasscope._tf``), else here; the
+    same code on the same inputs, so the same result. The stored maps go as the path of their
+    ``.npy`` file."""
+    from . import helper
+    from .findings import detect
+
+    side = helper.current()
+    if side is not None:
+        sent = {k: (None if h is None else helper.heatmaps_ref(h), p) for k, (h, p) in maps.items()}
+        # the flags are the detectors' output: no detector reads them
+        table = helper.pack_frame(ctx_args["table"], drop=("flags",))
+        if side.submit("findings", ({**ctx_args, "table": table}, sent)):
+            got = side.result()
+            if got is not None:
+                return got
+    return detect(ctx_args, maps)
 
 
 def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, preprocess, seed,
@@ -427,8 +443,7 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
     pass runs on Ray too. ``inputs``: the CAM pass's decoded images
     (:class:`~biasscope.decoded.DecodedInputs`), read by a local counterfactual pass."""
     from . import helper
-    from .analysis import UNREAD_COLUMNS, analyse, fill_columns, import_dependencies
-    from .findings import Context, run_detectors
+    from .analysis import UNREAD_COLUMNS, analyse, fill_columns
     from .summary import evaluate_gates, summarise
 
     out, table, timings = result.path, result.table, {}
@@ -443,7 +458,6 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
             # same code and libraries: the same result; on any failure it is computed here)
             slim = table.drop(columns=[c for c in UNREAD_COLUMNS if c in table.columns])
             if side.submit("analyse", ((slim, helper.heatmaps_ref(result.heatmaps)), kwargs)):
-                import_dependencies()  # the findings use them too
                 got = side.result()
         if got is None:
             got = analyse(table, result.heatmaps, **kwargs)
@@ -494,18 +508,18 @@ def _analyse_scan(result: Scan, *, model, target, ds, geometry, batch_size, prep
         # findings computed from empty maps
         options["zero_heatmaps"] = zero.split(":")[0] + "; nothing to measure"
         info["warnings"] = {"heatmaps_all_zero": zero}
-    ctx = Context(table=table, heatmaps=_raw_heatmaps(result.heatmaps, table["cam_max"]),
-                  heatmaps_true=_raw_heatmaps(result.heatmaps_true, table["cam_true_max"]),
-                  analysis=info, classes=ds.classes, class_index=ds.class_index,
-                  attributes=ds.attributes, options=options, counterfactuals=cf,
-                  object_embedding=object_embedding, occlusion=occlusion)
-    findings, status, flags = run_detectors(ctx)
+    findings, status, flags, attractors = _findings(
+        dict(table=table, analysis=info, classes=ds.classes, class_index=ds.class_index,
+             attributes=ds.attributes, options=options, counterfactuals=cf,
+             object_embedding=object_embedding, occlusion=occlusion),
+        {"heatmaps": (result.heatmaps, np.asarray(table["cam_max"], np.float32)),
+         "heatmaps_true": (result.heatmaps_true, np.asarray(table["cam_true_max"], np.float32))})
     table["flags"] = flags
     timings["findings_s"] = time.perf_counter() - t
     info["detectors"] = status
     info["counterfactuals"] = cf if cf is not None else {"skipped": "not run" if has_masks else "no masks"}
     info["occlusion"] = occlusion
-    info["attractors"] = ctx.attractors if ctx.attractors is not None else {
+    info["attractors"] = attractors if attractors is not None else {
         "skipped": "counterfactual tests not run"}
     info["timings"] = timings
     # a finding of severity 0.00 says nothing: never listed

@@ -1,7 +1,7 @@
 """A second process, forked by the console script before TensorFlow, for the work that would
 otherwise compete for the GIL or run while a core idles.
 
-Two kinds of request:
+Three kinds of request:
 
 * ``"analyse"``: :func:`biasscope.analysis.analyse` (the clusters and the 2-D map), which the
   scan runs alongside its counterfactual pass. In a thread of the scan's process its Python
@@ -9,6 +9,11 @@ Two kinds of request:
   not (five interleaved pairs of 10,000-image jobs: counterfactuals 1.15-1.19x the CAM pass,
   against 1.12-1.37x in a thread). The helper imports what the analysis needs (scikit-learn,
   SciPy) as soon as it is forked, while the parent imports TensorFlow on the other core.
+* ``"findings"``: the detectors (:func:`biasscope.findings.detect`), after the counterfactual
+  pass. With them here, the parent never needs scikit-learn or SciPy's statistics, so the
+  command line does not let Keras import them with TensorFlow (``biasscope._tf``): 0.6 s
+  less before the CAM pass begins. The helper has imported them while the parent imported
+  TensorFlow.
 * ``"thumbnails"``: a share of the report's thumbnails (:mod:`biasscope.report.thumbnails`).
   Drawing them is most of the report's time (1,200 of them: 1.4 s of 2.0-2.3 s at 10,000
   images) and it runs when nothing else does: on 2 cores one of them idles. Threads do not
@@ -35,7 +40,7 @@ import signal
 import struct
 import sys
 
-__all__ = ["Helper", "current", "heatmaps_ref", "resolve_heatmaps", "start"]
+__all__ = ["Helper", "current", "heatmaps_ref", "pack_frame", "resolve_heatmaps", "start", "unpack_frame"]
 
 _HEADER = struct.Struct("<Q")
 _helper: Helper | None = None
@@ -60,9 +65,11 @@ class Helper:
 
     def submit(self, kind: str, payload) -> bool:
         """Send a request: ``"thumbnails"`` with ``(jobs, size)`` (``jobs``: ``(row, file, cam,
-        cam_true, mask)`` tuples, drawn at ``size``) or ``"analyse"`` with ``((table,
+        cam_true, mask)`` tuples, drawn at ``size``), ``"analyse"`` with ``((table,
         heatmaps), kwargs)`` of :func:`biasscope.analysis.analyse` (``heatmaps`` as
-        :func:`heatmaps_ref` gives them). False when the helper cannot take it (another
+        :func:`heatmaps_ref` gives them) or ``"findings"`` with ``(ctx_args, maps)`` of
+        :func:`biasscope.findings.detect` (the table as :func:`pack_frame` gives it, each
+        map as :func:`heatmaps_ref` gives it). False when the helper cannot take it (another
         request is under way, or it is gone): the caller then does the work itself."""
         if self._pending or not self.alive:
             return False
@@ -75,8 +82,9 @@ class Helper:
         return True
 
     def result(self):
-        """The submitted request's result (thumbnails: ``[(row, uris), ...]``; analyse: what
-        :func:`~biasscope.analysis.analyse` returns), or None when the helper failed."""
+        """The submitted request's result (thumbnails: ``[(row, uris), ...]``; analyse and
+        findings: what :func:`~biasscope.analysis.analyse` and
+        :func:`~biasscope.findings.detect` return), or None when the helper failed."""
         if not self._pending:
             return None
         self._pending = False
@@ -197,7 +205,49 @@ def _analyse(payload):
     return analyse(table, resolve_heatmaps(heatmaps), **kwargs)
 
 
-_HANDLERS = {"thumbnails": _thumbnails, "analyse": _analyse}
+def pack_frame(table, drop=()):
+    """What to send for a table: without the columns ``drop``, and each column of 1-D arrays of
+    one length and dtype (``top5``, ``top5_prob``) as one 2-D array (pickling 10,000 small
+    arrays one by one costs 0.05 s a column). :func:`unpack_frame` restores it."""
+    import numpy as np
+
+    table = table.drop(columns=[c for c in drop if c in table.columns])
+    packed = {}
+    for c in table.columns:
+        if table[c].dtype != object or not len(table):
+            continue
+        cells = table[c].to_numpy()
+        first = cells[0]
+        if not (isinstance(first, np.ndarray) and first.ndim == 1 and all(
+                isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in cells)):
+            continue
+        packed[c] = np.stack(cells)
+    return table.drop(columns=list(packed)), packed, list(table.columns)
+
+
+def unpack_frame(sent):
+    """The table :func:`pack_frame` packed: each packed column's cells as rows of its array."""
+    import pandas as pd
+
+    table, packed, columns = sent
+    if not packed:
+        return table
+    table = table.copy()
+    for c, arr in packed.items():
+        table[c] = pd.Series(list(arr), index=table.index, dtype=object)
+    return table[columns]
+
+
+def _findings(payload):
+    from .findings import detect
+
+    ctx_args, maps = payload
+    ctx_args = {**ctx_args, "table": unpack_frame(ctx_args["table"])}
+    return detect(ctx_args, {k: (None if ref is None else resolve_heatmaps(ref), peaks)
+                             for k, (ref, peaks) in maps.items()})
+
+
+_HANDLERS = {"thumbnails": _thumbnails, "analyse": _analyse, "findings": _findings}
 
 
 def _send(fd: int, obj) -> None:

@@ -202,9 +202,27 @@ def test_bench_whole_job_times_every_stage_against_the_cam_pass(image_set, tmp_p
     assert res["total_over_pass"] == pytest.approx(res["total_s"] / st["cam_pass_s"])
 
 
+_IMPORT_TF = """
+import gc, sys
+from biasscope import _tf
+cli = sys.argv[1] == "y"
+_tf.FREEZE_AFTER_IMPORT = cli
+if cli:
+    _tf.HIDE_DURING_IMPORT = ("matplotlib", "sklearn")
+_tf.import_tf()
+hidden = [m for m in ("matplotlib", "sklearn") if m in sys.modules]
+import keras
+keras.layers.Dense(2)  # Keras works
+import sklearn.neighbors  # and what was hidden imports afterwards
+sklearn.neighbors.NearestNeighbors(n_neighbors=1).fit([[0.0], [1.0]])
+print(gc.isenabled(), gc.get_freeze_count(), ",".join(hidden) or "-")
+"""
+
+
 def test_the_command_line_freezes_tensorflows_objects_and_a_library_user_does_not(monkeypatch):
-    """``main`` (the console script) asks for :func:`gc.freeze` after the TensorFlow import;
-    ``import_tf`` freezes only when asked and leaves the collector on either way."""
+    """``main`` (the console script) asks for :func:`gc.freeze` after the TensorFlow import and
+    hides Keras' optional imports during it; ``import_tf`` does either only when asked, leaves
+    the collector on either way, and what it hid imports normally after."""
     import subprocess
     import sys
 
@@ -212,18 +230,22 @@ def test_the_command_line_freezes_tensorflows_objects_and_a_library_user_does_no
     from biasscope import _tf
 
     monkeypatch.setattr(_tf, "FREEZE_AFTER_IMPORT", False)
+    monkeypatch.setattr(_tf, "HIDE_DURING_IMPORT", ())
     monkeypatch.setattr(cli, "app", lambda **kw: 0)
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 0 and _tf.FREEZE_AFTER_IMPORT is True
+    assert {"matplotlib", "sklearn"} <= set(_tf.HIDE_DURING_IMPORT)
 
-    code = ("import gc, sys; from biasscope import _tf; _tf.FREEZE_AFTER_IMPORT = sys.argv[1] == 'y'; "
-            "_tf.import_tf(); print(gc.isenabled(), gc.get_freeze_count())")
     got = {}
     for flag in ("y", "n"):
-        r = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        enabled, frozen = r.stdout.split()
-        got[flag] = (enabled, int(frozen))
+        r = subprocess.run([sys.executable, "-c", _IMPORT_TF, flag], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        enabled, frozen, present = r.stdout.split()
+        got[flag] = (enabled, int(frozen), present)
     assert got["y"][0] == got["n"][0] == "True"
     assert got["y"][1] > 100_000 and got["n"][1] == 0  # TensorFlow's objects, or none
+    assert got["y"][2] == "-"  # neither was imported with TensorFlow
+    # without the command line's setting Keras imports them (both are installed for the tests)
+    assert got["n"][2] == "matplotlib,sklearn"

@@ -204,15 +204,18 @@ def test_the_counterfactual_pass_reads_the_cam_pass_copy_not_the_files(image_set
     assert a["n_with_mask"] == 17 and a["per_image"] == b["per_image"] and a["classes"] == b["classes"]
 
 
-def test_the_analysis_goes_to_the_helper_process_and_falls_back_when_it_fails(image_set, cnn_path,
-                                                                             tmp_path, monkeypatch):
+def test_the_analysis_and_findings_go_to_the_helper_process_and_fall_back_when_it_fails(
+        image_set, cnn_path, tmp_path, monkeypatch):
     """With the console script's helper, the scan sends it the analysis (the table without its
-    list columns) and stores what it returns; when the helper fails, the analysis runs here.
-    Either way the stored analysis is the one computed in this process."""
+    list columns) and then the findings (the table packed, without its flags; the maps as their
+    stored files), and stores what the helper's handlers return; when the helper fails, both
+    run here. Either way the stored result is the one computed in this process."""
+    import pickle
+
     from biasscope import helper
-    from biasscope.analysis import analyse
 
     local = biasscope.scan(cnn_path, image_set, out=tmp_path / "local", batch_size=4, progress=False)
+    assert local.findings and local.analysis["counterfactuals"].get("per_image")
 
     class FakeHelper:
         def __init__(self, fail):
@@ -225,18 +228,51 @@ def test_the_analysis_goes_to_the_helper_process_and_falls_back_when_it_fails(im
         def result(self):
             if self.fail:
                 return None
-            (table, heat), kw = self.sent[-1][1]
-            return analyse(table, helper.resolve_heatmaps(heat), **kw)
+            kind, payload = self.sent[-1]
+            # what the helper process does with the request, after the trip through a pipe
+            return pickle.loads(pickle.dumps(helper._HANDLERS[kind](pickle.loads(pickle.dumps(payload)))))
 
     for fail in (False, True):
         fake = FakeHelper(fail)
         monkeypatch.setattr(helper, "current", lambda: fake)
-        s = biasscope.scan(cnn_path, image_set, out=tmp_path / f"h{fail}", batch_size=4, progress=False)
-        assert [k for k, _ in fake.sent] == ["analyse"]
+        out = tmp_path / f"h{fail}"
+        s = biasscope.scan(cnn_path, image_set, out=out, batch_size=4, progress=False)
+        assert [k for k, _ in fake.sent] == ["analyse", "findings"]
         (table, heat), _ = fake.sent[0][1]
         assert not {"top5", "top5_prob", "flags"} & set(table.columns)
-        assert heat == ("npy", str(tmp_path / f"h{fail}" / "heatmaps.npy"))  # the stored file, mapped
-        for key in ("clusters", "classes", "projection"):
+        assert heat == ("npy", str(out / "heatmaps.npy"))  # the stored file, mapped
+        ctx_args, maps = fake.sent[1][1]
+        slim, packed, columns = ctx_args["table"]
+        assert set(packed) == {"top5", "top5_prob"} and "flags" not in columns
+        assert maps["heatmaps"][0] == ("npy", str(out / "heatmaps.npy"))
+        assert maps["heatmaps_true"][0] == ("npy", str(out / "heatmaps_true.npy"))
+        for key in ("clusters", "classes", "projection", "attractors", "detectors"):
             assert s.analysis[key] == local.analysis[key], (fail, key)
+        assert s.findings == local.findings
+        assert s.summary["verdict"] == local.summary["verdict"]
         for col in ("cluster", "embed_x", "embed_y"):
             pd.testing.assert_series_equal(s.table[col], local.table[col])
+        assert s.table["flags"].map(list).tolist() == local.table["flags"].map(list).tolist()
+
+
+def test_a_packed_table_comes_back_equal():
+    """:func:`biasscope.helper.pack_frame` sends columns of equal-length arrays as one array
+    each and leaves other object columns (ragged, lists, strings) as they are;
+    :func:`~biasscope.helper.unpack_frame` gives back the same table."""
+    import pickle
+
+    from biasscope import helper
+
+    t = pd.DataFrame({"a": [1, 2, 3], "top5": [np.array([2, 0], np.int32), np.array([1, 2], np.int32),
+                                                  np.array([0, 1], np.int32)],
+                      "ragged": [np.zeros(1), np.zeros(2), np.zeros(3)], "lists": [[1], [], [2, 3]],
+                      "name": ["x", "y", "z"], "flags": [[], [], []]})
+    sent = helper.pack_frame(t, drop=("flags",))
+    assert set(sent[1]) == {"top5"} and sent[1]["top5"].shape == (3, 2)
+    back = helper.unpack_frame(pickle.loads(pickle.dumps(sent)))
+    ref = t.drop(columns=["flags"])
+    assert list(back.columns) == list(ref.columns)
+    for c in ref.columns:
+        for x, y in zip(ref[c], back[c]):
+            assert type(x) is type(y) and np.array_equal(x, y) and getattr(x, "dtype", None) == getattr(y, "dtype", None)
+    assert helper.unpack_frame(helper.pack_frame(t.iloc[:0])).empty

@@ -10,10 +10,10 @@ this package registers them all, in the order below (which is the order they run
 """
 
 from .base import (BANDS, DEFAULT_OPTIONS, REGISTRY, SCOPES, Context, Detector, DetectorResult, Finding,
-                   InvariantError, register, run_detector, run_detectors, severity_band)
+                   InvariantError, detect, register, run_detector, run_detectors, severity_band)
 from . import (misclassified, confident_mistake, label_issue, off_object_attention,  # noqa: F401,E402
                background_reliance, spurious_background, spurious_feature, clever_hans_cluster,
                group_gap)
 
 __all__ = ["BANDS", "DEFAULT_OPTIONS", "REGISTRY", "SCOPES", "Context", "Detector", "DetectorResult",
-           "Finding", "InvariantError", "register", "run_detector", "run_detectors", "severity_band"]
+           "Finding", "InvariantError", "detect", "register", "run_detector", "run_detectors", "severity_band"]

@@ -545,3 +545,19 @@ def run_detectors(ctx: Context, names=None):
 
         findings = consolidate(ctx, findings)
     return findings, status, per_image
+
+
+def detect(ctx_args: dict, maps: dict) -> tuple:
+    """Every registered detector (:func:`run_detectors`) on ``Context(**ctx_args)`` with the
+    CAMs of ``maps``: ``{"heatmaps" | "heatmaps_true": (stored maps, peaks) or None}``, the
+    maps as stored (unit peak, shape (N, h, w)) and each map's peak (``cam_max`` /
+    ``cam_true_max``), multiplied back to their own scale here. Returns ``(findings, status,
+    flags, attractors)``: :func:`run_detectors`' three and the context's
+    :attr:`Context.attractors`. What the scan runs, in its own process or in the console
+    script's helper process (:mod:`biasscope.helper`)."""
+    raw = {name: None if got is None or got[0] is None else
+           np.asarray(got[0], np.float32) * np.asarray(got[1], np.float32)[:, None, None]
+           for name, got in maps.items()}
+    ctx = Context(**ctx_args, **raw)
+    findings, status, flags = run_detectors(ctx)
+    return findings, status, flags, ctx.attractors
