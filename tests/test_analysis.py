@@ -393,3 +393,27 @@ def test_the_helper_process_gives_the_same_analysis(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")
+
+
+def test_first_copies_groups_rows_as_numpys_unique_does():
+    """The hashed grouping of equal maps gives, row for row, the first copy that
+    ``np.unique(axis=0)`` gives: on random repeats of a few rows (float32 and float64), with
+    zeros of either sign, and with NaNs (which np.unique decides)."""
+    from biasscope.analysis import _first_copies
+
+    def ref(X):
+        _, first, inverse = np.unique(X.reshape(len(X), -1), axis=0, return_index=True, return_inverse=True)
+        return first[np.ravel(inverse)]
+
+    rng = np.random.default_rng(1)
+    for trial in range(100):
+        n, D = int(rng.integers(1, 300)), int(rng.integers(1, 20))
+        base = rng.integers(0, 3, (max(1, n // 3), D)).astype(np.float64)
+        base[rng.random(base.shape) < 0.2] = -0.0
+        X = base[rng.integers(0, len(base), n)]
+        X = X.astype(np.float32) if trial % 2 else X
+        np.testing.assert_array_equal(_first_copies(X), ref(X), err_msg=str(trial))
+    X = np.array([[0.0, 1.0], [-0.0, 1.0], [1.0, 0.0], [np.nan, 1.0], [np.nan, 1.0]])
+    np.testing.assert_array_equal(_first_copies(X[:3]), [0, 0, 2])
+    np.testing.assert_array_equal(_first_copies(X), ref(X))
+    assert _first_copies(np.zeros((0, 4))).shape == (0,)
