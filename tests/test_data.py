@@ -80,3 +80,24 @@ def test_manifest_missing_columns(image_set):
     (image_set / "manifest.csv").write_text("file,label\na.png,x\n")
     with pytest.raises(BiasscopeError, match="manifest.csv: missing column\\(s\\) path"):
         load_dataset(image_set)
+
+
+def test_join_is_pathlibs_join():
+    """The manifest's paths are joined as strings where that gives what pathlib gives: on
+    clean, unclean (``.``, ``..``, empty parts, trailing slashes), relative and absolute paths
+    under several roots, the same string."""
+    import random
+    from pathlib import Path
+
+    from biasscope.data import _join
+
+    parts = ["a", "b", "..", ".", "", "x y", "é", "c.png", "~"]
+    rng = random.Random(0)
+    for _ in range(5000):
+        p = "/".join(rng.choice(parts) for _ in range(rng.randint(1, 4)))
+        p = ("/" if rng.random() < 0.2 else "") + ("./" if rng.random() < 0.1 else "") + p
+        if not p:
+            continue
+        for root in (".", "/", "/work/data", "rel/dir", "/a/b/"):
+            r = str(Path(root))
+            assert _join(r, p) == str(Path(r) / p), (r, p)
