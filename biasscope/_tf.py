@@ -39,14 +39,15 @@ def _quiet_fd2():
 #: user (a notebook) does not get it.
 FREEZE_AFTER_IMPORT = False
 
-#: Set by the command line: packages that Keras imports only if they are installed, for
-#: features the command line never uses (``keras.visualization``'s Matplotlib and OpenCV
-#: plots, ``keras.wrappers``' scikit-learn estimators). They are hidden while TensorFlow
-#: loads (an import of them fails, as if they were not installed) and visible again after,
-#: so a later import of them works. On 2 cores with all of them installed, TensorFlow's
-#: import takes 1.5-1.6 s instead of 2.4-2.5 s. The command line's own scikit-learn work
-#: (the analysis, the findings) runs in its helper process (:mod:`biasscope.helper`), which
-#: imports scikit-learn on its own.
+#: Set by the command line: packages that TensorFlow and Keras import only if they are
+#: installed, for features the command line never uses (``keras.visualization``'s Matplotlib
+#: and OpenCV plots, ``keras.wrappers``' scikit-learn estimators, the legacy ``tf.keras``
+#: training loop's SciPy sparse inputs). They are hidden while TensorFlow loads (an import of
+#: them fails, as if they were not installed) and visible again after, so a later import of
+#: them works. On 2 cores with all of them installed, TensorFlow's import takes 1.5-1.7 s
+#: instead of 2.4-2.5 s. The command line's own scikit-learn and SciPy work (the analysis,
+#: the findings) runs in its helper process (:mod:`biasscope.helper`), which imports them on
+#: its own.
 HIDE_DURING_IMPORT: tuple = ()
 
 

@@ -420,7 +420,7 @@ def main() -> None:
     from . import _tf
 
     _tf.FREEZE_AFTER_IMPORT = True  # a command-line process: see biasscope._tf
-    _tf.HIDE_DURING_IMPORT = ("matplotlib", "cv2", "sklearn")
+    _tf.HIDE_DURING_IMPORT = ("matplotlib", "cv2", "sklearn", "scipy")
     try:
         code = app(standalone_mode=False)
     except typer.Abort:

@@ -11,7 +11,7 @@ Three kinds of request:
   SciPy) as soon as it is forked, while the parent imports TensorFlow on the other core.
 * ``"findings"``: the detectors (:func:`biasscope.findings.detect`), after the counterfactual
   pass. With them here, the parent never needs scikit-learn or SciPy's statistics, so the
-  command line does not let Keras import them with TensorFlow (``biasscope._tf``): 0.6 s
+  command line does not let TensorFlow and Keras import them (``biasscope._tf``): 0.6-0.7 s
   less before the CAM pass begins. The helper has imported them while the parent imported
   TensorFlow.
 * ``"thumbnails"``: a share of the report's thumbnails (:mod:`biasscope.report.thumbnails`).
