@@ -205,6 +205,39 @@ def _shift_sources(H: int, W: int) -> np.ndarray:
                     axis=1).astype(np.int32)
 
 
+#: Shifts tried first for every hole pixel; only the pixels none of them serves are tried on
+#: all of them. On the benchmark's masks the first three serve every hole pixel (the first two
+#: 93%): the fill costs 2.5 instead of 3.0 ms per 16 images of 64 px, the same images.
+_FIRST_SHIFTS = 3
+
+
+def _texture_sources(hole_flat, at, H: int, W: int):
+    """For the hole pixels ``at`` (flat positions ``b * H*W + p`` into ``hole_flat``, the
+    batch's flattened hole mask): the flat position of the first shift's source pixel
+    (:func:`_shift_sources`) that is background, and whether there is one (where not, the first
+    shift's source). The first :data:`_FIRST_SHIFTS` shifts are tried on every hole pixel,
+    all of them on the rest only: the same result as trying all on all."""
+    HW = H * W
+    table = _shift_sources(H, W)
+    k = min(_FIRST_SHIFTS, table.shape[1])
+
+    def first_background(p, base, shifts):
+        src = tf.gather(tf.constant(shifts), p) + base[:, None]  # (n, shifts)
+        bg_src = tf.logical_not(tf.gather(hole_flat, src))
+        first = tf.argmax(tf.cast(bg_src, tf.int32), axis=1, output_type=tf.int32)
+        return tf.gather(src, first, batch_dims=1), tf.reduce_any(bg_src, axis=1)
+
+    base = (at // HW) * HW
+    p = at - base
+    pix, found = first_background(p, base, table[:, :k])
+    if k == table.shape[1]:
+        return pix, found
+    rest = tf.cast(tf.where(tf.logical_not(found))[:, 0], tf.int32)
+    pix_rest, found_rest = first_background(tf.gather(p, rest), tf.gather(base, rest), table)
+    return (tf.tensor_scatter_nd_update(pix, rest[:, None], pix_rest),
+            tf.tensor_scatter_nd_update(found, rest[:, None], found_rest))
+
+
 def fill_background(images, masks, *, dilate: int = 2):
     """Only-BG images: the (dilated) object region of each image filled from its surroundings.
 
@@ -234,7 +267,6 @@ def fill_background(images, masks, *, dilate: int = 2):
     images = tf.convert_to_tensor(images, tf.float32)
     hole = _dilate(tf.convert_to_tensor(masks, tf.bool), int(dilate))
     H, W, C = int(images.shape[1]), int(images.shape[2]), int(images.shape[-1])
-    HW = H * W
     keep = 1.0 - tf.cast(hole, tf.float32)[..., None]
     smooth = _push_pull(images * keep, keep, H, W, coarse_to=_DETAIL_LEVEL)
     # Texture, computed on the hole pixels only (flat positions b * H*W + p): per hole pixel
@@ -242,12 +274,7 @@ def fill_background(images, masks, *, dilate: int = 2):
     # (image minus smooth field); one gather per step.
     hole_flat = tf.reshape(hole, (-1,))
     at = tf.cast(tf.where(hole_flat)[:, 0], tf.int32)
-    base = (at // HW) * HW
-    src = tf.gather(tf.constant(_shift_sources(H, W)), at - base) + base[:, None]  # (n, S)
-    bg_src = tf.logical_not(tf.gather(hole_flat, src))
-    first = tf.argmax(tf.cast(bg_src, tf.int32), axis=1, output_type=tf.int32)
-    found = tf.reduce_any(bg_src, axis=1)
-    pix = tf.gather(src, first, batch_dims=1)
+    pix, found = _texture_sources(hole_flat, at, H, W)
     flat_img, flat_smooth = tf.reshape(images, (-1, C)), tf.reshape(smooth, (-1, C))
     detail = tf.gather(flat_img, pix) - tf.gather(flat_smooth, pix)
     fill = tf.gather(flat_smooth, at) + tf.where(found[:, None], detail, 0.0)

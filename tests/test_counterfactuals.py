@@ -118,6 +118,30 @@ def test_only_bg_fill_follows_a_gradient_and_keeps_texture():
     assert inside.std(axis=0).mean() > 1.0  # texture, not a flat ghost of the object's outline
 
 
+@pytest.mark.parametrize("shape", [(6, 24, 24), (4, 37, 53), (3, 8, 8)])
+def test_texture_sources_are_the_first_background_shift_of_all(shape):
+    # large, ragged holes, so that many hole pixels are served by none of the first shifts
+    # tried and need the full list; one image all hole (no source), one without a hole
+    from biasscope.counterfactuals import _FIRST_SHIFTS, _shift_sources, _texture_sources
+
+    B, H, W = shape
+    rng = np.random.default_rng(B * H * W)
+    yy, xx = np.mgrid[:H, :W]
+    hole = np.zeros(shape, bool)
+    for i in range(B):
+        r = rng.uniform(0.3, 0.7) * max(H, W)
+        hole[i] = ((yy - rng.uniform(0, H)) ** 2 + (xx - rng.uniform(0, W)) ** 2 < r * r) | (rng.random((H, W)) < 0.4)
+    hole[0], hole[1] = True, False
+    flat = hole.reshape(-1)
+    at = np.flatnonzero(flat)
+    src = _shift_sources(H, W)[at % (H * W)] + (at // (H * W) * (H * W))[:, None]  # every shift
+    bg = ~flat[src]
+    assert (bg.any(axis=1) & ~bg[:, :_FIRST_SHIFTS].any(axis=1)).any()  # the full list is needed
+    pix, found = _texture_sources(tf.constant(flat), tf.constant(at, tf.int32), H, W)
+    np.testing.assert_array_equal(found.numpy(), bg.any(axis=1))
+    np.testing.assert_array_equal(pix.numpy(), src[np.arange(len(at)), bg.argmax(axis=1)])
+
+
 def test_a_fully_masked_image_is_filled_with_grey():
     img = np.full((1, 8, 8, 3), 30.0, np.float32)
     out = fill_background(img, np.ones((1, 8, 8), bool)).numpy()
